@@ -1,0 +1,91 @@
+"""Multi-head attention kernels behind one switch: ``"auto" | "xformers" | "sdpa" | "math"``.
+
+All kernels take and return tensors in the (B, N, heads, head_dim) layout that falls out of the
+fused qkv projection, so the caller never copies q/k/v into another layout: xformers consumes it
+as is, SDPA and the math path see a transposed view.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "xformers", "sdpa", "math")
+
+
+@functools.cache
+def xformers_works() -> bool:
+    """True when xformers imports *and* its CUDA kernel runs here.
+
+    The PyPI wheel can import on a machine whose build has no CUDA kernels for the local GPU, so
+    import success alone proves nothing: run one tiny attention call and catch any failure.
+    """
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import xformers.ops as xops
+
+        q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.float16)
+        xops.memory_efficient_attention(q, q, q)
+        torch.cuda.synchronize()
+    except Exception:  # ImportError, NotImplementedError (no kernel), CUDA errors: all mean "no"
+        return False
+    return True
+
+
+def check_backend(name: str) -> str:
+    """Validate a backend name early (at model construction) with a message listing the choices."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    return name
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """Turn ``name`` into the kernel that will actually run on ``device``.
+
+    ``auto`` is SDPA everywhere: on CUDA it dispatches to FlashAttention-2 / cuDNN / memory-efficient
+    kernels (at least as fast as xformers' kernels on Ampere and Hopper with torch >= 2.3), on CPU
+    to a blocked flash kernel; both keep memory linear in the token count. xformers is opt-in.
+    """
+    check_backend(name)
+    if name == "auto":
+        return "sdpa"
+    if name == "xformers":
+        if device.type != "cuda":
+            raise RuntimeError(f"attn='xformers' needs the model on a CUDA device, it is on {device}; "
+                               "use attn='auto' or 'sdpa' elsewhere")
+        if not xformers_works():
+            raise RuntimeError("attn='xformers' but no working CUDA build of xformers is importable: "
+                               "pip install 'densevid[xformers]' (a wheel matching your torch/CUDA), "
+                               "or use attn='auto'")
+    return name
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
+    """Softmax attention over (B, N, heads, d) inputs; returns (B, N, heads, d).
+
+    ``backend`` must already be resolved (see :func:`resolve_backend`). The softmax scale is
+    head_dim ** -0.5 for every kernel.
+    """
+    if backend == "xformers":
+        import xformers.ops as xops
+
+        return xops.memory_efficient_attention(q, k, v)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v)
+    elif backend == "math":
+        out = attention_probs(q, k) @ v
+    else:
+        raise ValueError(f"backend {backend!r} is not resolved; call resolve_backend first")
+    return out.transpose(1, 2)
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Exact attention maps softmax(q kᵀ / sqrt(d)) for (B, heads, N, d) inputs -> (B, heads, N, N).
+
+    The softmax runs in float32 (then casts back), so maps read under bf16 autocast still sum to 1.
+    """
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return logits.float().softmax(dim=-1).to(q.dtype)

@@ -1,0 +1,22 @@
+"""Backbones by name: ``models.build("vit_small_patch16", attn="auto", drop_path=0.1)``."""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from torch import nn
+
+from models.resnet import resnet18_crw
+from models.vit import VIT_SIZES, vit
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"resnet18_crw": resnet18_crw}
+for _size in VIT_SIZES:
+    for _patch in (8, 16):
+        MODELS[f"vit_{_size}_patch{_patch}"] = functools.partial(vit, _size, _patch)
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build the backbone registered as ``name``; ``kwargs`` go to its constructor."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    return MODELS[name](**kwargs)

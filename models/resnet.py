@@ -1,0 +1,69 @@
+"""CRW's frame encoder: a ResNet-18 with output stride 8 (objectives.md §1.b).
+
+Changes from torchvision's ResNet-18: every convolution in layer3 and layer4 has stride 1, so the
+feature map is H/8 x W/8; padded convolutions can pad by reflection (CRW's ``scratch`` default —
+zero padding needs a lower walk temperature); the classifier is gone; and layers can be removed
+for testing (CRW trains with layer4, C = 512, and evaluates on layer3, C = 256). Parameter names
+are torchvision's, so torchvision and videowalk ResNet-18 state dicts load as they are.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+STAGE_CHANNELS = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
+
+
+class CRWResNet(ResNet):
+    """ResNet-18 trunk, output stride 8: ``enc(x)`` maps (B, 3, H, W) to (B, C, H/8, W/8).
+
+    Args:
+        padding_mode: ``"reflect"`` (CRW ``scratch``) or ``"zeros"`` (CRW ``scratch_zeropad``).
+        remove_layers: trailing stages to drop, e.g. ``("layer4",)`` for CRW's test-time features.
+    """
+
+    def __init__(self, padding_mode: str = "reflect", remove_layers: Sequence[str] = ()):
+        super().__init__(BasicBlock, [2, 2, 2, 2])
+        del self.fc, self.avgpool
+        for stage in (self.layer3, self.layer4):
+            for module in stage.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.stride = (1, 1)
+        if padding_mode not in ("reflect", "zeros"):
+            raise ValueError(f"padding_mode must be 'reflect' or 'zeros', not {padding_mode!r}")
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d) and any(module.padding):
+                module.padding_mode = padding_mode
+        self.stages = list(STAGES)
+        self.remove_layers(remove_layers)
+
+    @property
+    def out_channels(self) -> int:
+        return STAGE_CHANNELS[self.stages[-1]]
+
+    def remove_layers(self, names: Sequence[str]) -> None:
+        """Drop trailing stages (in place); dropping a middle stage alone is refused."""
+        for name in names:
+            if name not in STAGES:
+                raise ValueError(f"cannot remove {name!r}; removable stages are {STAGES}")
+        kept = [s for s in self.stages if s not in names]
+        if not kept or kept != self.stages[:len(kept)]:
+            raise ValueError(f"removing {list(names)} would leave {kept}: only trailing stages can go")
+        for name in set(self.stages) - set(kept):
+            delattr(self, name)
+        self.stages = kept
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for name in self.stages:
+            x = getattr(self, name)(x)
+        return x
+
+
+def resnet18_crw(**kwargs) -> CRWResNet:
+    """CRW's encoder; ``kwargs`` go to :class:`CRWResNet`."""
+    return CRWResNet(**kwargs)

@@ -1,0 +1,275 @@
+"""Vision Transformer (ViT-Ti/S/B, patch 8 or 16) for dense self-supervised learning.
+
+Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``,
+``patch_embed.proj``, ``blocks.N.norm1``, ``blocks.N.attn.qkv``, ``blocks.N.mlp.fc1``, ``norm``), so
+official DINO checkpoints and timm state dicts load without renaming (see ``models.io``).
+
+What the objectives need beyond a classifier ViT (objectives.md §0.1):
+* any input size: positional embeddings are interpolated to the token grid (non-square, 480p);
+* the last block's exact attention maps per head (DoRA) and keys (SMTC), while every other block
+  keeps the memory-efficient kernel;
+* patch tokens with or without the final LayerNorm (SMTC and SelfPatch read them un-normed);
+* an optional CLS token (SelfPatch's backbone has none).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.attention import attention, attention_probs, check_backend, resolve_backend
+
+# name -> (embed_dim, depth, num_heads); MLP ratio 4, qkv bias, LayerNorm eps 1e-6 for all.
+VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero the residual branch of whole samples with probability ``p``."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Bicubically resize the patch part of (1, prefix + n*n, D) positional embeddings to ``grid``.
+
+    Identity when the grid already matches. Follows DINO's interpolation (a scale factor of
+    (out + 0.1) / n, with the factor, not the size, mapping coordinates), which every reference
+    repository in objectives.md inherits, so DINO checkpoints give their published features at
+    480p. Computed in float32 and cast back.
+    """
+    n_patch = pos_embed.shape[1] - num_prefix_tokens
+    side = math.isqrt(n_patch)
+    if side * side != n_patch:
+        raise ValueError(f"positional embedding has {n_patch} patch positions, not a square grid")
+    if grid == (side, side):
+        return pos_embed
+    prefix, patch = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = pos_embed.shape[-1]
+    patch = patch.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+    scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
+    patch = F.interpolate(patch, scale_factor=scale, mode="bicubic", align_corners=False)
+    assert patch.shape[-2:] == grid, (patch.shape, grid)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(pos_embed.dtype)
+    return torch.cat([prefix, patch], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens, through one strided convolution (``patch_embed.proj``)."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        height, width = x.shape[-2:]
+        p = self.patch_size
+        if height % p or width % p:
+            raise ValueError(f"input {height}x{width} is not a multiple of the patch size {p}: "
+                             f"resize or crop frames to multiples of {p} first")
+        x = self.proj(x)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and a switchable kernel."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.backend = check_backend(backend)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> q, k, v as (B, N, heads, d) views of one projection (no copies)."""
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        return qkv.unbind(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        out = attention(q, k, v, resolve_backend(self.backend, x.device))
+        return self.proj(out.flatten(2))
+
+    def forward_with_maps(self, x: torch.Tensor, return_attention: bool, return_keys: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Like ``forward`` and also the exact maps (B, heads, N, N) and keys (B, heads, N, d).
+
+        Only asking for maps materialises the N x N matrix; keys alone keep the fast kernel.
+        """
+        q, k, v = self._qkv(x)
+        keys = k.transpose(1, 2) if return_keys else None
+        if not return_attention:
+            out = attention(q, k, v, resolve_backend(self.backend, x.device))
+            return self.proj(out.flatten(2)), None, keys
+        probs = attention_probs(q.transpose(1, 2), k.transpose(1, 2))
+        out = (probs @ v.transpose(1, 2)).transpose(1, 2)
+        return self.proj(out.flatten(2)), probs, keys
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: Linear -> GELU -> Linear (``mlp.fc1``, ``mlp.fc2``)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with stochastic depth on both residual branches."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, attn: str = "auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+    def forward_with_maps(self, x: torch.Tensor, return_attention: bool, return_keys: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        y, probs, keys = self.attn.forward_with_maps(self.norm1(x), return_attention, return_keys)
+        x = x + drop_path(y, self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training), probs, keys
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone returning dense features; see ``forward_features`` for the output contract.
+
+    Args:
+        img_size: side of the native (pretraining) resolution; sets the stored positional grid.
+        patch_size: 8 or 16 (any divisor of the input works).
+        embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the usual ViT shape.
+        drop_path: stochastic-depth rate of the last block, rising linearly from 0 in block 0.
+        attn: attention kernel, ``"auto" | "xformers" | "sdpa" | "math"``.
+        class_token: prepend a learned CLS token (False for SelfPatch's CaiT-style backbone).
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
+                 depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, attn: str = "auto", class_token: bool = True):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.grad_checkpointing = False
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        num_patches = (img_size // patch_size) ** 2
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + num_patches, embed_dim))
+        rates = torch.linspace(0, drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, attn) for rate in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """DINO/timm initialisation: truncated normal (std 0.02) for linears and embeddings."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def set_attention_backend(self, attn: str) -> None:
+        """Switch every block to another attention kernel (weights are unchanged)."""
+        for block in self.blocks:
+            block.attn.backend = check_backend(attn)
+
+    def prepare_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images (B, 3, H, W) -> tokens (B, prefix + h*w, D) with positions added, and (h, w)."""
+        tokens, grid = self.patch_embed(x)
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return tokens + resize_pos_embed(self.pos_embed, grid, self.num_prefix_tokens), grid
+
+    def _run_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_features(self, x: torch.Tensor, norm: bool = True, return_attention: bool = False,
+                         return_keys: bool = False) -> dict:
+        """Dense features of images (B, 3, H, W), H and W multiples of the patch size.
+
+        Returns a dict: ``cls`` (B, D) (absent without a class token), ``patches`` (B, h*w, D),
+        ``grid`` (h, w), and on request the last block's ``attention`` (B, heads, T, T) — exact
+        softmax maps — and ``keys`` (B, heads, T, d), where T = prefix + h*w. ``norm`` applies the
+        final LayerNorm to ``cls`` and ``patches``.
+        """
+        tokens, grid = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            tokens = self._run_block(block, tokens)
+        last = self.blocks[-1]
+        probs = keys = None
+        if return_attention or return_keys:
+            tokens, probs, keys = last.forward_with_maps(tokens, return_attention, return_keys)
+        else:
+            tokens = self._run_block(last, tokens)
+        if norm:
+            tokens = self.norm(tokens)
+        out = {"patches": tokens[:, self.num_prefix_tokens:], "grid": grid}
+        if self.cls_token is not None:
+            out["cls"] = tokens[:, 0]
+        if return_attention:
+            out["attention"] = probs
+        if return_keys:
+            out["keys"] = keys
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Image embedding (B, D): the normed CLS token, or mean normed patch token without one."""
+        out = self.forward_features(x)
+        return out["cls"] if self.cls_token is not None else out["patches"].mean(dim=1)
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int | Sequence[int] = 1, norm: bool = True
+                                ) -> list[torch.Tensor]:
+        """Token outputs (B, prefix + h*w, D) of the last ``n`` blocks (or of the block indices in
+        ``n``), in block order; ``norm`` applies the final LayerNorm to each (as DINO does)."""
+        depth = len(self.blocks)
+        if isinstance(n, int) and not 1 <= n <= depth:
+            raise ValueError(f"n={n} must be between 1 and the depth {depth}")
+        wanted = set(range(depth - n, depth)) if isinstance(n, int) else {i % depth for i in n}
+        tokens, _ = self.prepare_tokens(x)
+        outputs = []
+        for index, block in enumerate(self.blocks[:max(wanted) + 1]):
+            tokens = self._run_block(block, tokens)
+            if index in wanted:
+                outputs.append(self.norm(tokens) if norm else tokens)
+        return outputs
+
+
+def vit(size: str, patch_size: int = 16, **kwargs) -> VisionTransformer:
+    """A ViT of a named size (``tiny | small | base``); ``kwargs`` go to :class:`VisionTransformer`."""
+    if size not in VIT_SIZES:
+        raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
+    embed_dim, depth, num_heads = VIT_SIZES[size]
+    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                             **kwargs)

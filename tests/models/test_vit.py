@@ -1,0 +1,144 @@
+"""ViT: backend equivalence, exact attention maps, positional embeddings, timm compatibility."""
+import pytest
+import torch
+
+import models
+from models.attention import resolve_backend
+from models.vit import VisionTransformer, drop_path, resize_pos_embed
+
+
+def tiny_vit(**kwargs) -> VisionTransformer:
+    """A 3-block ViT small enough for CPU tests; same code path as the registered sizes."""
+    torch.manual_seed(0)
+    return VisionTransformer(img_size=64, patch_size=16, embed_dim=48, depth=3, num_heads=3, **kwargs).eval()
+
+
+def test_registry_builds_named_sizes():
+    vit = models.build("vit_small_patch16", drop_path=0.1)
+    assert (vit.embed_dim, vit.patch_size, vit.num_heads, len(vit.blocks)) == (384, 16, 6, 12)
+    assert vit.pos_embed.shape == (1, 1 + 14 * 14, 384)
+    assert sum(p.numel() for p in vit.parameters()) == 21_665_664  # timm vit_small_patch16_224 minus head
+    assert vit.blocks[-1].drop_path == pytest.approx(0.1) and vit.blocks[0].drop_path == 0.0
+    assert models.build("vit_base_patch8").pos_embed.shape == (1, 1 + 28 * 28, 768)
+    with pytest.raises(ValueError, match="vit_tiny_patch16"):
+        models.build("vit_huge")
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_backends_agree_on_outputs_and_gradients(backend):
+    x = torch.randn(2, 3, 48, 80)
+    results = {}
+    for name in ("math", backend):
+        vit = tiny_vit(attn=name)
+        out = vit.forward_features(x)
+        loss = out["patches"].square().mean() + out["cls"].sum()
+        loss.backward()
+        results[name] = (out["patches"].detach(), {n: p.grad for n, p in vit.named_parameters()})
+    torch.testing.assert_close(results[backend][0], results["math"][0], atol=1e-5, rtol=1e-4)
+    for name, grad in results["math"][1].items():
+        torch.testing.assert_close(results[backend][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_backend_switch_validates_names():
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        tiny_vit(attn="flash")
+    with pytest.raises(RuntimeError, match="CUDA"):
+        resolve_backend("xformers", torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+
+
+def test_attention_maps_and_keys_equal_explicit_softmax():
+    vit = tiny_vit()
+    x = torch.randn(2, 3, 32, 64)
+    out = vit.forward_features(x, return_attention=True, return_keys=True)
+    # Recompute the last block's attention by hand from the tokens that enter it.
+    before_last = vit.get_intermediate_layers(x, [-2], norm=False)[0]
+    block = vit.blocks[-1]
+    qkv = block.attn.qkv(block.norm1(before_last)).reshape(2, 1 + 8, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0], qkv[1]
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-1)
+    assert out["attention"].shape == (2, 3, 9, 9)
+    torch.testing.assert_close(out["attention"], expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out["attention"].sum(-1), torch.ones(2, 3, 9))
+    torch.testing.assert_close(out["keys"], k)
+    # The exact path and the fast path compute the same features.
+    torch.testing.assert_close(out["patches"], vit.forward_features(x)["patches"], atol=1e-5, rtol=1e-4)
+
+
+def test_norm_flag_and_intermediate_layers_agree():
+    vit = tiny_vit()
+    x = torch.randn(1, 3, 64, 64)
+    raw = vit.forward_features(x, norm=False)
+    normed = vit.forward_features(x, norm=True)
+    torch.testing.assert_close(vit.norm(raw["patches"]), normed["patches"])
+    layers = vit.get_intermediate_layers(x, n=2)
+    assert len(layers) == 2 and layers[-1].shape == (1, 17, 48)
+    torch.testing.assert_close(layers[-1][:, 1:], normed["patches"])
+    torch.testing.assert_close(vit(x), normed["cls"])
+    assert not torch.allclose(layers[0], layers[1])
+
+
+def test_pos_embed_identity_at_native_size_and_resized_elsewhere():
+    pos = torch.randn(1, 1 + 14 * 14, 8)
+    assert resize_pos_embed(pos, (14, 14)) is pos
+    for grid in [(30, 53), (6, 6), (14, 20)]:
+        resized = resize_pos_embed(pos, grid)
+        assert resized.shape == (1, 1 + grid[0] * grid[1], 8)
+        torch.testing.assert_close(resized[:, :1], pos[:, :1])  # the CLS position is never resized
+    constant = torch.full((1, 1 + 16, 4), 0.25)
+    torch.testing.assert_close(resize_pos_embed(constant, (7, 3)), torch.full((1, 1 + 21, 4), 0.25))
+    with pytest.raises(ValueError, match="square"):
+        resize_pos_embed(torch.zeros(1, 1 + 15, 4), (3, 5))
+
+
+def test_any_input_size_and_clear_error_otherwise():
+    vit = tiny_vit()
+    out = vit.forward_features(torch.randn(1, 3, 112, 208))  # 480p-like aspect, non-square grid
+    assert out["grid"] == (7, 13) and out["patches"].shape == (1, 91, 48)
+    with pytest.raises(ValueError, match="multiple of the patch size 16"):
+        vit(torch.randn(1, 3, 60, 64))
+
+
+def test_without_class_token():
+    vit = tiny_vit(class_token=False)
+    out = vit.forward_features(torch.randn(2, 3, 32, 32), return_attention=True)
+    assert "cls" not in out and out["patches"].shape == (2, 4, 48) and out["attention"].shape == (2, 3, 4, 4)
+    assert vit.pos_embed.shape == (1, 16, 48)
+
+
+def test_drop_path_drops_whole_samples_and_rescales():
+    torch.manual_seed(0)
+    x = torch.ones(4000, 3, 2)
+    y = drop_path(x, 0.25, training=True)
+    per_sample = y.flatten(1)
+    assert set(per_sample.unique().tolist()) <= {0.0, torch.tensor(1 / 0.75).item()}
+    assert (per_sample == per_sample[:, :1]).all()
+    assert abs((per_sample[:, 0] == 0).float().mean().item() - 0.25) < 0.03
+    assert drop_path(x, 0.25, training=False) is x
+    vit = tiny_vit(drop_path=0.5).train()
+    inp = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(vit(inp), vit(inp))
+
+
+def test_gradient_checkpointing_matches_plain_backward():
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for flag in (False, True):
+        vit = tiny_vit().train()
+        vit.grad_checkpointing = flag
+        vit.forward_features(x)["patches"].sum().backward()
+        grads.append(vit.blocks[0].attn.qkv.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_state_dict_runs_in_timm_vision_transformer():
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    vit = tiny_vit()
+    reference = timm_vit.VisionTransformer(img_size=64, patch_size=16, embed_dim=48, depth=3, num_heads=3,
+                                           num_classes=0).eval()
+    reference.load_state_dict(vit.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    tokens = reference.forward_features(x)
+    out = vit.forward_features(x)
+    torch.testing.assert_close(out["cls"], tokens[:, 0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["patches"], tokens[:, 1:], atol=1e-5, rtol=1e-4)
