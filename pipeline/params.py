@@ -1,0 +1,139 @@
+"""Every random choice of a sample, drawn in numpy from the sample's own generator.
+
+Drawing in Python (not inside DALI or the renderer) is what makes the backends agree: the DALI
+graph and the CPU fallback decode the same frames and render them with the same boxes, flips and
+colour factors, and a resumed run redraws exactly what the uninterrupted one drew
+(`pipeline.sampling.sample_rng`). The parameters of one sample travel as one flat float64 vector
+(`pack`), so a DALI external-source worker can hand them to the renderer next to the encoded frames.
+
+Layout per family (V = views sharing a box across frames, Tc = T with per-frame colour else 1):
+  meta (3): label, sample id, start frame
+  box (V, 4): x0, y0, x1, y1 in frame pixels (grid: the clip crop that is resized to `size`)
+  flip (V,), color (V, Tc, 7)                       clip, multicrop
+  patch_box (T, N, 4) in resized-crop pixels, patch_flip (T, N), color (T, N, 7)   grid
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from pipeline.color import IDENTITY, NUM_COLOR_PARAMS
+from pipeline.sampling import draw_start
+from pipeline.views import ViewSpec
+
+ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before falling back to a centre crop
+
+
+def random_resized_boxes(rng: np.random.Generator, width: int, height: int, scale: tuple[float, float],
+                         ratio: tuple[float, float], n: int) -> np.ndarray:
+    """n boxes (x0, y0, x1, y1) drawn like torchvision's `RandomResizedCrop.get_params`, vectorised."""
+    area = width * height
+    target = area * rng.uniform(scale[0], scale[1], (n, ATTEMPTS))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, ATTEMPTS)))
+    w = np.rint(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.rint(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    pick = fits.argmax(1)
+    w, h = w[np.arange(n), pick], h[np.arange(n), pick]
+    x0 = np.floor(rng.random(n) * (width - w + 1)).astype(np.int64)
+    y0 = np.floor(rng.random(n) * (height - h + 1)).astype(np.int64)
+    boxes = np.stack([x0, y0, x0 + w, y0 + h], 1)
+    missed = ~fits.any(1)
+    if missed.any():  # centre crop at the nearest allowed aspect ratio
+        in_ratio = width / height
+        cw, ch = ((width, int(round(width / ratio[0]))) if in_ratio < ratio[0] else
+                  (int(round(height * ratio[1])), height) if in_ratio > ratio[1] else (width, height))
+        cx, cy = (width - cw) // 2, (height - ch) // 2
+        boxes[missed] = (cx, cy, cx + cw, cy + ch)
+    return boxes
+
+
+def draw_color(rng: np.random.Generator, shape: tuple[int, ...], jitter: tuple[float, float, float, float],
+               p_jitter: float, p_gray: float, p_blur: np.ndarray | float,
+               p_solarize: np.ndarray | float) -> np.ndarray:
+    """Colour parameters (`pipeline.color`) for images of `shape`; probabilities broadcast to it."""
+    out = np.empty(shape + (NUM_COLOR_PARAMS,))
+    on = rng.random(shape) < p_jitter
+    for i, strength in enumerate(jitter[:3]):
+        out[..., i] = np.where(on, rng.uniform(max(0.0, 1 - strength), 1 + strength, shape), 1.0)
+    out[..., 3] = np.where(on, rng.uniform(-jitter[3], jitter[3], shape), 0.0)
+    out[..., 4] = rng.random(shape) < p_gray
+    out[..., 5] = np.where(rng.random(shape) < p_blur, rng.uniform(0.1, 2.0, shape), 0.0)
+    out[..., 6] = rng.random(shape) < p_solarize
+    return out
+
+
+def view_probabilities(spec: ViewSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Blur and solarize probability per view of the DINO recipe (shape (V, 1) to broadcast over Tc)."""
+    if spec.family == "clip":
+        return np.full((1, 1), 0.5), np.zeros((1, 1))
+    blur = [1.0 if g % 2 == 0 else 0.1 for g in range(spec.global_crops)] + [0.5] * spec.local_crops
+    solar = [0.0 if g % 2 == 0 else 0.2 for g in range(spec.global_crops)] + [0.0] * spec.local_crops
+    return np.array(blur)[:, None], np.array(solar)[:, None]
+
+
+def layout(spec: ViewSpec) -> dict[str, tuple[int, ...]]:
+    """Name -> per-sample shape of every packed field, in packing order."""
+    T = spec.frames
+    if spec.family == "grid":
+        N = spec.grid_side ** 2
+        return {"meta": (3,), "box": (1, 4), "patch_box": (T, N, 4), "patch_flip": (T, N),
+                "color": (T, N, NUM_COLOR_PARAMS)}
+    V, Tc = spec.num_views, T if spec.per_frame_color else 1
+    return {"meta": (3,), "box": (V, 4), "flip": (V,), "color": (V, Tc, NUM_COLOR_PARAMS)}
+
+
+def packed_size(spec: ViewSpec) -> int:
+    return sum(math.prod(shape) for shape in layout(spec).values())
+
+
+def draw(spec: ViewSpec, rng: np.random.Generator, width: int, height: int, nframes: int,
+         label: int, sample_id: int) -> dict[str, np.ndarray]:
+    """All parameters of one sample (the `layout` fields) for a frame of width x height."""
+    T = spec.frames
+    start = draw_start(rng, nframes, T, spec.stride)
+    params = {"meta": np.array([label, sample_id, start], dtype=np.float64)}
+    if spec.family == "grid":
+        N, side, P = spec.grid_side ** 2, spec.out_size, spec.patch_size
+        params["box"] = random_resized_boxes(rng, width, height, spec.scale, spec.ratio, 1)
+        jitter = random_resized_boxes(rng, P, P, spec.patch_scale, (3 / 4, 4 / 3), T * N).reshape(T, N, 4)
+        corners = np.arange(spec.grid_side) * spec.patch_stride
+        offsets = np.stack(np.meshgrid(corners, corners, indexing="xy"), -1).reshape(N, 2)   # row-major (x, y)
+        params["patch_box"] = jitter + np.tile(offsets, 2)
+        params["patch_flip"] = (rng.random((T, N)) < 0.5) & spec.flip
+        params["color"] = (draw_color(rng, (T, N), spec.jitter_strength, 1.0, 0.0, 0.0, 0.0)
+                           if spec.color else np.broadcast_to(IDENTITY, (T, N, NUM_COLOR_PARAMS)))
+        return params
+    V, Tc = spec.num_views, T if spec.per_frame_color else 1
+    if spec.family == "clip":
+        params["box"] = random_resized_boxes(rng, width, height, spec.scale, spec.ratio, 1)
+    else:
+        x0, y0, x1, y1 = (random_resized_boxes(rng, width, height, spec.scale, spec.ratio, 1)[0]
+                          if spec.size is not None else (0, 0, width, height))
+        regional = [random_resized_boxes(rng, x1 - x0, y1 - y0, spec.global_scale, spec.ratio, spec.global_crops),
+                    random_resized_boxes(rng, x1 - x0, y1 - y0, spec.local_scale, spec.ratio, spec.local_crops)]
+        params["box"] = np.concatenate(regional) + np.array([x0, y0, x0, y0])
+    params["flip"] = (rng.random(V) < 0.5) & spec.flip
+    if spec.color:
+        p_blur, p_solar = view_probabilities(spec)
+        params["color"] = draw_color(rng, (V, Tc), spec.jitter_strength, 0.8, 0.2, p_blur, p_solar)
+    else:
+        params["color"] = np.broadcast_to(IDENTITY, (V, Tc, NUM_COLOR_PARAMS))
+    return params
+
+
+def pack(spec: ViewSpec, params: dict[str, np.ndarray]) -> np.ndarray:
+    """The `layout` fields of one sample as one float64 vector."""
+    return np.concatenate([np.asarray(params[name], dtype=np.float64).reshape(-1) for name in layout(spec)])
+
+
+def unpack(spec: ViewSpec, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(B, packed_size) packed samples -> name -> (B, *shape) tensors (views of `rows`)."""
+    out, at = {}, 0
+    for name, shape in layout(spec).items():
+        size = math.prod(shape)
+        out[name] = rows[:, at:at + size].reshape(rows.shape[0], *shape)
+        at += size
+    return out

@@ -1,0 +1,145 @@
+"""Random access to the members of a packed dataset: the pack-time `.idx` files give each member's
+offset and size, the tars are mmap'ed, so reading a member is a slice (no tar parsing, no copy).
+
+Opened lazily per process: the object pickles without its maps, so DataLoader and DALI
+external-source workers each map the shards themselves.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shard_tools.index import read_index
+from shard_tools.manifest import load_manifest
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTS = ("mp4", "webm")
+
+
+class SampleError(ValueError):
+    """A sample cannot be used: the message names the shard and the key."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    shard: int
+    key: str
+    members: dict[str, tuple[int, int]]
+
+
+def frame_member(index: int) -> str:
+    """Name of frame `index` of a JPEG-frames sample (`f000.jpg` ...)."""
+    return f"f{index:03d}.jpg"
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame header, None when the bytes are not a JPEG."""
+    buf = bytes(data[:65536]) if len(data) > 65536 else bytes(data)
+    if buf[:2] != b"\xff\xd8":
+        return None
+    at = 2
+    while at + 9 <= len(buf):
+        if buf[at] != 0xFF:
+            return None
+        marker = buf[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        length = int.from_bytes(buf[at + 2:at + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height = int.from_bytes(buf[at + 5:at + 7], "big")
+            width = int.from_bytes(buf[at + 7:at + 9], "big")
+            return (width, height) if width and height else None
+        at += 2 + length
+    return None
+
+
+class ShardDataset:
+    """The samples of a dataset folder and their members.
+
+    format: "jpeg" (frame members), "h264" or "vp9" (one `mp4`/`webm` member), from the manifest.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = load_manifest(self.path)
+        self.format = manifest.get("format", "jpeg")
+        self.tar_paths = [Path(p) for p in manifest["tar_paths"]]
+        self.samples: list[Sample] = []
+        for shard, idx in enumerate(manifest["idx_paths"]):
+            self.samples.extend(Sample(shard, key, members) for key, members in read_index(idx))
+        if not self.samples:
+            raise ValueError(f"{self.path}: the manifest lists no samples; pack some videos into it first")
+        self._maps: dict[int, mmap.mmap] = {}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        return state
+
+    def where(self, sample_id: int) -> str:
+        """`shard.tar:key` for messages."""
+        sample = self.samples[sample_id]
+        return f"{self.tar_paths[sample.shard].name}:{sample.key}"
+
+    def member(self, sample_id: int, ext: str) -> memoryview:
+        """The bytes of one member (a view into the mmap'ed tar)."""
+        sample = self.samples[sample_id]
+        if ext not in sample.members:
+            raise SampleError(f"{self.where(sample_id)} has no '{ext}' member (it has "
+                              f"{sorted(sample.members)}); the shard is damaged or was not written by "
+                              "shard_tools/pack.py; repack it")
+        offset, size = sample.members[ext]
+        if sample.shard not in self._maps:
+            with open(self.tar_paths[sample.shard], "rb") as f:
+                self._maps[sample.shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return memoryview(self._maps[sample.shard])[offset:offset + size]
+
+    def array(self, sample_id: int, ext: str) -> np.ndarray:
+        """One member as a uint8 array (no copy)."""
+        return np.frombuffer(self.member(sample_id, ext), dtype=np.uint8)
+
+    def nframes(self, sample_id: int) -> int:
+        return int(np.frombuffer(self.member(sample_id, "nframes.i32"), dtype="<i4")[0])
+
+    def label(self, sample_id: int) -> int:
+        """Class id from `label.i32`, -1 when the sample is unlabelled."""
+        if "label.i32" not in self.samples[sample_id].members:
+            return -1
+        return int(np.frombuffer(self.member(sample_id, "label.i32"), dtype="<i4")[0])
+
+    def video_ext(self, sample_id: int) -> str:
+        members = self.samples[sample_id].members
+        for ext in VIDEO_EXTS:
+            if ext in members:
+                return ext
+        raise SampleError(f"{self.where(sample_id)} has no mp4 or webm member (it has {sorted(members)}); "
+                          f"the manifest says format {self.format!r}; repack it")
+
+    def frame_size(self, sample_id: int) -> tuple[int, int]:
+        """(width, height) of a video sample, from its `json`."""
+        meta = json.loads(bytes(self.member(sample_id, "json")))
+        return int(meta["width"]), int(meta["height"])
+
+    def usable(self, span: int) -> np.ndarray:
+        """Ids of the samples with at least `span` frames; the others are counted and logged."""
+        counts = np.array([self.nframes(i) for i in range(len(self))])
+        keep = np.flatnonzero(counts >= span)
+        if len(keep) < len(self):
+            short = np.flatnonzero(counts < span)
+            log.warning("%s: %d of %d samples have fewer than %d frames (the clip span) and are not read, "
+                        "e.g. %s with %d frames; pack longer segments or lower frames/stride",
+                        self.path, len(short), len(self), span, self.where(int(short[0])), counts[short[0]])
+        if len(keep) == 0:
+            raise ValueError(f"{self.path}: no sample has the {span} frames a clip spans "
+                             f"(longest: {counts.max()}); pack longer segments or lower frames/stride")
+        return keep
