@@ -1,5 +1,5 @@
 """Backbones (ViT, CRW's ResNet), heads, slot attention and checkpoint import/export."""
-from models import heads, slots  # noqa: F401  (public submodules: models.heads.DINOHead, models.slots...)
+from models import heads, io, slots  # noqa: F401  (public submodules: models.heads.DINOHead, ...)
 from models.registry import MODELS, build
 
-__all__ = ["MODELS", "build", "heads", "slots"]
+__all__ = ["MODELS", "build", "heads", "io", "slots"]

@@ -16,7 +16,13 @@ for _size in VIT_SIZES:
 
 
 def build(name: str, **kwargs) -> nn.Module:
-    """Build the backbone registered as ``name``; ``kwargs`` go to its constructor."""
+    """Build the backbone registered as ``name``; ``kwargs`` go to its constructor.
+
+    The model remembers ``(name, kwargs)`` as ``build_spec`` so ``models.io.export_backbone`` can
+    record how to rebuild it.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
-    return MODELS[name](**kwargs)
+    model = MODELS[name](**kwargs)
+    model.build_spec = (name, dict(kwargs))
+    return model
