@@ -83,12 +83,10 @@ class CpuBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:  # endless in practice; the sampler decides how many are read
         return 2 ** 62
 
-    def decode(self, position: int) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
-        """Packed row, decoded frames and skipped `shard:key`s of one stream position."""
-        skipped: list[str] = []
+    def decode(self, position: int) -> tuple[np.ndarray, list[np.ndarray], list[int]]:
+        """Packed row, decoded frames and skipped sample ids of one stream position."""
         while True:
-            planned, skips = self.source.plan(position)
-            skipped += skips
+            planned, skipped = self.source.plan(position)   # re-planned after a failure: skips it
             try:
                 if self.source.dataset.format == "jpeg":
                     frames = [decode_jpeg(f) for f in planned.frames]
@@ -99,7 +97,7 @@ class CpuBatches(torch.utils.data.Dataset):
                 self.source.mark_bad(planned.sample_id, str(err))
 
     def __getitem__(self, i: int) -> dict:
-        rows, frames, skipped = [], [], []
+        rows, frames, skipped = [], [], []   # skipped: sample ids
         first = self.start + i * self.batch_size
         for position in range(first, first + self.batch_size):
             row, decoded, skips = self.decode(position)

@@ -92,12 +92,12 @@ class Loader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         batches = self._dali_batches() if self.backend == "dali" else self._cpu_batches()
         for batch, skipped in batches:
-            for where in skipped:
-                self.skipped[where] += 1
+            for sample_id in skipped:
+                self.skipped[self.dataset.where(sample_id)] += 1
             self.position += self.cfg.batch_size
             yield batch
 
-    def _cpu_batches(self) -> Iterator[tuple[dict, list[str]]]:
+    def _cpu_batches(self) -> Iterator[tuple[dict, list[int]]]:
         render_here = self.device.type == "cpu"
         dataset = CpuBatches(self.source, self.cfg.batch_size, self.position, render_here, self.dtype)
         workers = self.cfg.num_workers
@@ -112,7 +112,7 @@ class Loader:
             frames = item["frames"].to(self.device, non_blocking=True)
             yield render(frames, P.unpack(self.spec, item["params"]), self.spec, self.dtype), item["skipped"]
 
-    def _dali_batches(self) -> Iterator[tuple[dict, list[str]]]:
+    def _dali_batches(self) -> Iterator[tuple[dict, list[int]]]:
         from pipeline.dali import dali_batches
 
         for frames, rows, skipped in dali_batches(self.source, self.cfg, self.position):

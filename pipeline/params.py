@@ -7,7 +7,7 @@ colour factors, and a resumed run redraws exactly what the uninterrupted one dre
 (`pack`), so a DALI external-source worker can hand them to the renderer next to the encoded frames.
 
 Layout per family (V = views sharing a box across frames, Tc = T with per-frame colour else 1):
-  meta (3): label, sample id, start frame
+  meta (5): label, sample id, start frame, samples skipped before this one, last skipped id (-1)
   box (V, 4): x0, y0, x1, y1 in frame pixels (grid: the clip crop that is resized to `size`)
   flip (V,), color (V, Tc, 7)                       clip, multicrop
   patch_box (T, N, 4) in resized-crop pixels, patch_flip (T, N), color (T, N, 7)   grid
@@ -79,10 +79,10 @@ def layout(spec: ViewSpec) -> dict[str, tuple[int, ...]]:
     T = spec.frames
     if spec.family == "grid":
         N = spec.grid_side ** 2
-        return {"meta": (3,), "box": (1, 4), "patch_box": (T, N, 4), "patch_flip": (T, N),
+        return {"meta": (5,), "box": (1, 4), "patch_box": (T, N, 4), "patch_flip": (T, N),
                 "color": (T, N, NUM_COLOR_PARAMS)}
     V, Tc = spec.num_views, T if spec.per_frame_color else 1
-    return {"meta": (3,), "box": (V, 4), "flip": (V,), "color": (V, Tc, NUM_COLOR_PARAMS)}
+    return {"meta": (5,), "box": (V, 4), "flip": (V,), "color": (V, Tc, NUM_COLOR_PARAMS)}
 
 
 def packed_size(spec: ViewSpec) -> int:
@@ -94,7 +94,7 @@ def draw(spec: ViewSpec, rng: np.random.Generator, width: int, height: int, nfra
     """All parameters of one sample (the `layout` fields) for a frame of width x height."""
     T = spec.frames
     start = draw_start(rng, nframes, T, spec.stride)
-    params = {"meta": np.array([label, sample_id, start], dtype=np.float64)}
+    params = {"meta": np.array([label, sample_id, start, 0, -1], dtype=np.float64)}
     if spec.family == "grid":
         N, side, P = spec.grid_side ** 2, spec.out_size, spec.patch_size
         params["box"] = random_resized_boxes(rng, width, height, spec.scale, spec.ratio, 1)

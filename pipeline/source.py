@@ -52,23 +52,27 @@ class ClipSource:
         self.order = EpochOrder(len(self.usable), rank, world_size, seed, shuffle)
         self.bad: set[int] = set()   # samples found corrupt in this process, not decoded again
 
-    def plan(self, position: int) -> tuple[Planned, list[str]]:
-        """The sample at a stream position, replaced while corrupt; also the `shard:key`s skipped."""
+    def plan(self, position: int) -> tuple[Planned, list[int]]:
+        """The sample at a stream position, replaced while corrupt; also the ids of skipped samples
+        (their count and the last one are also written into the row's meta)."""
         epoch, index, _ = self.order.locate(position)
-        skipped: list[str] = []
+        skipped: list[int] = []
         for attempt in range(MAX_REPLACEMENTS):
             order = self.order.epoch(epoch)
             sample_id = int(self.usable[order[(index + attempt) % len(order)]])
             if sample_id in self.bad:
-                skipped.append(self.dataset.where(sample_id))
+                skipped.append(sample_id)
                 continue
             try:
-                return self._plan(sample_id, sample_rng(self.seed, self.rank, epoch, index, attempt)), skipped
+                planned = self._plan(sample_id, sample_rng(self.seed, self.rank, epoch, index, attempt))
             except CorruptSample as err:
                 self.mark_bad(sample_id, str(err))
-                skipped.append(self.dataset.where(sample_id))
+                skipped.append(sample_id)
+                continue
+            planned.row[3], planned.row[4] = len(skipped), skipped[-1] if skipped else -1
+            return planned, skipped
         raise RuntimeError(f"{self.dataset.path}: {MAX_REPLACEMENTS} consecutive samples are corrupt "
-                           f"(last: {skipped[-1]}); check the dataset with shard_tools/inspect.py")
+                           f"(last: {self.dataset.where(skipped[-1])}); check the dataset with shard_tools/inspect.py")
 
     def mark_bad(self, sample_id: int, reason: str) -> None:
         self.bad.add(sample_id)

@@ -12,6 +12,9 @@ crop-resize calls followed by flips and colour (`pipeline.color`):
   `patch_stride`, each with its own random-resized-crop jitter, flip and colour, drawn independently
   per frame and patch as in videowalk -> `patches` (B, T, N, 3, P, P).
 
+Every batch also has `label` (B,) int64 (-1 when unlabelled) and `sample` (B,) int64, the
+dataset-wide sample id (index into the shards in manifest order), for kNN memories and debugging.
+
 The crop-resize is an antialiased (triangle-filter) bilinear resize of the box. On the GPU it is one
 `roi_align` call per output size over all boxes of the batch (adaptive sampling averages
 ceil(box / out) samples per output pixel, which is what antialiasing does); on the CPU it is torch's
@@ -160,7 +163,7 @@ def render(frames: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec
     nchw = frames.permute(0, 3, 1, 2)                       # channels-last strides, no copy
     params = {k: v.to(device) for k, v in params.items()}
     clip_frames = torch.arange(B * T, device=device).view(B, 1, T)
-    batch = {"label": params["meta"][:, 0].long()}
+    batch = {"label": params["meta"][:, 0].long(), "sample": params["meta"][:, 1].long()}
     if spec.family == "grid":
         side, P = spec.out_size, spec.patch_size
         resized = crop_resize(nchw, params["box"].reshape(B, 4).long(), clip_frames.view(B, T), side)
