@@ -1,0 +1,107 @@
+"""Atomic checkpoints of a run, resume lookup, and stopping cleanly on SIGTERM / SIGINT.
+
+A checkpoint is ``<run>/checkpoints/step-000100/``: Accelerate's state (model, optimiser, every
+rank's RNG) plus one ``trainer-rank<r>.pt`` per rank (step, loader position, world size). It is
+written under a hidden temporary name and renamed only once every rank has finished, so a crash
+mid-write never leaves a checkpoint that ``--resume auto`` would pick up.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+CHECKPOINT_DIR = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
+    """``auto``: the run's latest checkpoint, or None for a fresh run; else an explicit folder."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "trainer-rank0.pt").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a densevid checkpoint folder (no trainer-rank0.pt); "
+                                f"pass a {CHECKPOINT_DIR}/step-NNNNNN folder or 'auto'")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, trainer_state: dict[str, Any],
+                    keep: int) -> Path:
+    """Write this step's checkpoint atomically (collective: every rank must call it)."""
+    final = checkpoint_path(run_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    torch.save({**trainer_state, "world_size": accelerator.num_processes},
+               tmp / f"trainer-rank{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # a re-save of the same step (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+    """Restore model, optimiser and RNG from ``path``; return this rank's trainer state."""
+    state_file = Path(path) / f"trainer-rank{accelerator.process_index}.pt"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file} is missing: the checkpoint was written by fewer ranks than "
+                                f"the {accelerator.num_processes} now running; resume with the same world size")
+    state = torch.load(state_file, map_location="cpu", weights_only=False)
+    if state["world_size"] != accelerator.num_processes:
+        raise RuntimeError(f"{path} was written by {state['world_size']} ranks, now {accelerator.num_processes}: "
+                           "the data position is per rank; resume with the same world size")
+    accelerator.load_state(str(path))
+    return state
+
+
+class GracefulStop:
+    """Turns SIGTERM / SIGINT into a flag the loop checks once per step; a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "GracefulStop":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *_exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,260 @@
+"""Typed training configuration: dataclass defaults <- configs/<method>.yaml <- --config <- CLI.
+
+Every section is a dataclass whose fields carry their help text as attribute docstrings; the
+command line gets one ``--section.field`` option per field, generated from these classes. A key
+that no section knows fails fast, naming where it came from and the valid keys.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline import DataConfig
+from train.objectives import OBJECTIVES
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used."""
+
+
+@dataclass
+class ModelSection:
+    """The backbone (models.build)."""
+
+    arch: str = ""
+    """models.build name; empty: the method's default (resnet18_crw for CRW, vit_small_patch16 for DINO)."""
+    drop_path: float = 0.0
+    """Stochastic-depth rate of the trained (student) ViT."""
+
+
+@dataclass
+class OptimSection:
+    """AdamW with cosine learning-rate and weight-decay schedules."""
+
+    lr: float = 5e-4
+    """Peak learning rate at optim.lr_reference_batch samples per step."""
+    lr_reference_batch: int = 256
+    """Global batch that optim.lr is tuned for."""
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    """How the peak LR follows the global batch: lr * (global / reference), its sqrt, or unchanged."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine."""
+    warmup_epochs: float = 10.0
+    """Linear LR warm-up length in epochs (an epoch is manifest samples / global batch steps)."""
+    weight_decay: float = 0.04
+    """Weight decay at step 0 (biases and norms never decay)."""
+    weight_decay_end: float = 0.4
+    """Weight decay at the last step (cosine in between)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    clip_grad: float = 3.0
+    """Gradient clipping threshold; 0 disables clipping."""
+    clip_mode: Literal["per_param", "global"] = "per_param"
+    """per_param: DINO's rule, each tensor clipped to the threshold on its own; global: total norm."""
+    accum_steps: int = 1
+    """Micro-batches accumulated per optimiser step."""
+
+
+@dataclass
+class RunSection:
+    """Length, precision, logging and checkpointing of the run."""
+
+    steps: int = 1000
+    """Optimiser steps in the whole run (schedules span exactly this many)."""
+    seed: int = 0
+    """Seed of model init, augmentation and sampling (each rank offsets its own streams)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 autocast on GPU; the CPU path always runs float32."""
+    log_every: int = 10
+    """Steps between TensorBoard / log.jsonl records."""
+    ckpt_every: int = 1000
+    """Steps between checkpoints (one is always written at the end and on SIGTERM/SIGINT)."""
+    keep_checkpoints: int = 3
+    """Most recent checkpoints kept on disk."""
+    compile: bool = False
+    """torch.compile the objective (GPU)."""
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelSection, "optim": OptimSection, "run": RunSection}
+
+
+@dataclass
+class Config:
+    """The resolved configuration of one run."""
+
+    method: str
+    data: DataConfig
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+    objective: Any = None
+    """The method's own section (e.g. CRWConfig), written under the method's name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"method": self.method}
+        for name in SECTIONS:
+            out[name] = _plain(dataclasses.asdict(getattr(self, name)))
+        out[self.method] = _plain(dataclasses.asdict(self.objective))
+        return out
+
+    def dump(self, path: Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """Tuples to lists, so yaml.safe_dump writes plain YAML."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Help per field: attribute docstrings (the string below a field), else ``name: text``
+    paragraphs of the class docstring (the style of pipeline.DataConfig)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    names = {f.name for f in dataclasses.fields(cls)}
+    current = None
+    for line in inspect.getdoc(cls).splitlines():
+        head, sep, text = line.partition(":")
+        if sep and head.strip() in names and not line.startswith(" "):
+            current = head.strip()
+            docs.setdefault(current, "")
+            docs[current] = (docs[current] + " " + text.strip()).strip()
+        elif current and line.startswith(" "):
+            docs[current] += " " + line.strip()
+        else:
+            current = None
+    return docs
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; strings from the command line are parsed."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values like [0.4, 1.0], got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or (tp is int and isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        try:
+            return tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def build_section(cls: type, values: dict[str, Any], where: str, prefix: str) -> Any:
+    """Instantiate ``cls`` from ``values``; missing or mistyped values fail with a clear message."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    missing = [k for k, f in fields.items() if k not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(prefix + k for k in missing)} must be set"
+                          + (" (--data DIR)" if prefix == "data." else ""))
+    typed = {k: _coerce(v, hints[k], f"{where}: {prefix}{k}") for k, v in values.items()}
+    try:
+        return cls(**typed)
+    except ValueError as err:  # the section's own validation (__post_init__)
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _merge(into: dict[str, dict], layer: dict[str, Any], where: str, method: str,
+           tables: dict[str, type]) -> None:
+    """Merge one layer (``section: {key: value}``) into the accumulated values; unknown keys fail."""
+    for section, values in (layer or {}).items():
+        if section == "method":
+            if values != method:
+                raise ConfigError(f"{where}: method {values!r} does not match --method {method}")
+            continue
+        if section not in into:
+            raise ConfigError(f"{where}: unknown section '{section}'; valid: {', '.join(into)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping of key: value")
+        known = {f.name for f in dataclasses.fields(tables[section])}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
+                              f"valid keys of '{section}': {', '.join(sorted(known))}")
+        into[section].update(values)
+
+
+def load_config(method: str, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Resolve the configuration of ``method``: defaults, method YAML, user YAML, then overrides.
+
+    ``overrides`` maps dotted keys (``optim.lr``, ``crw.temperature``) to values or strings.
+    """
+    if method not in OBJECTIVES:
+        raise ConfigError(f"unknown method {method!r}; available: {', '.join(sorted(OBJECTIVES))}")
+    tables = {**SECTIONS, method: OBJECTIVES[method].Config}
+    values: dict[str, dict] = {name: {} for name in tables}
+    method_yaml = CONFIG_DIR / f"{method}.yaml"
+    _merge(values, yaml.safe_load(method_yaml.read_text()), str(method_yaml), method, tables)
+    if config_file:
+        _merge(values, yaml.safe_load(Path(config_file).read_text()), config_file, method, tables)
+    command_line: dict[str, dict] = {}
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(f"override {key}: expected <section>.<key>")
+        command_line.setdefault(section, {})[name] = value
+    _merge(values, command_line, "command line", method, tables)
+    built = {n: build_section(cls, values[n], "configuration", f"{n}.") for n, cls in tables.items()}
+    objective = built.pop(method)
+    cfg = Config(method=method, objective=objective, **built)
+    cfg.model.arch = cfg.model.arch or OBJECTIVES[method].default_arch
+    return cfg
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--section.key`` option per field of every section and every method's section."""
+    tables = {**SECTIONS, **{name: obj.Config for name, obj in OBJECTIVES.items()}}
+    for section, cls in tables.items():
+        group = parser.add_argument_group(
+            f"{section} options", f"{(cls.__doc__ or '').strip()} Defaults shown are the built-in "
+            "ones; train/configs/<method>.yaml overrides some of them.")
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
+                               metavar=f.name.upper(), help=f"{helps.get(f.name, '')} (default: {default})")
+
+
+def overrides_from_args(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """The ``--section.key`` options given on the command line; other methods' options fail fast."""
+    given = {k: v for k, v in vars(args).items() if "." in k}
+    for key in given:
+        section = key.split(".")[0]
+        if section in OBJECTIVES and section != method:
+            raise ConfigError(f"--{key} belongs to method '{section}' but --method is {method}")
+    return given

@@ -1,0 +1,8 @@
+"""Objectives by name: ``OBJECTIVES[cfg.method](cfg.objective, arch=..., ...)``."""
+from train.objectives.base import Objective
+from train.objectives.crw import CRW
+from train.objectives.dino import DINO
+
+OBJECTIVES: dict[str, type[Objective]] = {"crw": CRW, "dino": DINO}
+
+__all__ = ["OBJECTIVES", "Objective"]
