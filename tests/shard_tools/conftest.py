@@ -1,0 +1,48 @@
+"""Helpers for the shard_tools tests: tiny hand-made videos with known content."""
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+
+def write_grey_video(path: Path, frames: int = 20, width: int = 64, height: int = 48, fps: int = 10,
+                     codec: str = "libx264", pts: list[int] | None = None) -> Path:
+    """A video whose frame i is flat grey level 10 * i. With `pts`, frame i is stamped pts[i] in
+    units of 1 / (10 * fps) s (variable frame rate)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"bf": "0"}
+        if pts is not None:
+            stream.time_base = stream.codec_context.time_base = Fraction(1, 10 * fps)
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), (10 * i) % 256, np.uint8), format="rgb24")
+            frame.pts = i if pts is None else pts[i]
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def set_mp4_rotation(path: Path, degrees_ccw: int) -> None:
+    """Patch the display matrix of an mp4's track header (tkhd, version 0), as phones write it, so
+    that players rotate the picture `degrees_ccw` (a multiple of 90) counter-clockwise."""
+    data = bytearray(path.read_bytes())
+    tkhd = data.find(b"tkhd")
+    assert tkhd > 0 and data[tkhd + 4] == 0, "expected a version-0 tkhd box"
+    # type, version/flags, creation, modification, track id, reserved, duration, 8 reserved bytes,
+    # layer, alternate group, volume, reserved; then the 3x3 matrix (a b u / c d v / x y w).
+    matrix = tkhd + 4 + 4 + 4 * 5 + 8 + 8
+    cos, sin = {0: (1, 0), 90: (0, 1), 180: (-1, 0), 270: (0, -1)}[degrees_ccw % 360]
+    values = [cos << 16, -sin << 16, 0, sin << 16, cos << 16, 0, 0, 0, 1 << 30]
+    data[matrix:matrix + 36] = np.array(values, ">i4").tobytes()
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def grey_video():
+    return write_grey_video
