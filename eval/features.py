@@ -1,0 +1,90 @@
+"""Backbones for evaluation: load one from a run, an export or an official checkpoint, and turn frames
+into dense L2-normalised feature maps or global descriptors."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # uint8 (B, H, W, 3) -> float (B, D, h, w)
+
+
+def load_backbone(ckpt: str | Path, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
+    """A run directory (its ``backbone.safetensors``), an exported ``.safetensors``, or an official
+    DINO / timm checkpoint (``arch`` names the architecture when the file does not carry it)."""
+    import models
+    import models.io
+
+    path = Path(ckpt)
+    if path.is_dir():
+        exported = path / "backbone.safetensors"
+        if not exported.is_file():
+            raise FileNotFoundError(f"{path} is a directory without backbone.safetensors: pass a run directory "
+                                    "written by train/run.py, or the checkpoint file itself")
+        path = exported
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if path.suffix == ".safetensors" and arch is None:
+        return models.io.load_backbone(str(path), trust_pickle=trust_pickle)
+    if arch is None:
+        raise ValueError(f"{path}: an official DINO / timm checkpoint does not say which architecture it is; "
+                         "pass --arch (for example vit_small_patch16)")
+    backbone = models.build(arch)
+    state = models.io.load_backbone(str(path), trust_pickle=trust_pickle).state_dict()
+    backbone.load_state_dict(state)
+    return backbone
+
+
+def normalise_frames(frames: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) normalised."""
+    x = frames.permute(0, 3, 1, 2).float().div_(255)
+    mean_t = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+def dense_feature_fn(backbone: nn.Module, layer: int = 1, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> FeatureFn:
+    """Frames -> (B, D, h, w) L2-normalised features. ViTs: output of the ``layer``-th block from the end
+    after the final LayerNorm, CLS dropped (DINO's protocol); CNN encoders (``out_channels``): their map."""
+
+    @torch.inference_mode()
+    def features(frames: torch.Tensor) -> torch.Tensor:
+        x = normalise_frames(frames, mean, std)
+        if hasattr(backbone, "get_intermediate_layers"):
+            tokens = backbone.get_intermediate_layers(x, n=layer, norm=True)[0]
+            patch = backbone.patch_size
+            h, w = x.shape[-2] // patch, x.shape[-1] // patch
+            tokens = tokens[:, tokens.shape[1] - h * w:]  # drop CLS (and any register tokens)
+            fmap = tokens.transpose(1, 2).reshape(len(x), -1, h, w)
+        else:
+            fmap = backbone(x)
+        return F.normalize(fmap.float(), dim=1)
+
+    return features
+
+
+def feature_stride(backbone: nn.Module) -> int:
+    """Pixels per feature cell: the ViT patch size, or 8 for the CRW ResNet encoder."""
+    return int(getattr(backbone, "patch_size", 8))
+
+
+@torch.inference_mode()
+def global_descriptor(backbone: nn.Module, images: torch.Tensor, n_last_blocks: int = 1,
+                      avgpool: bool = False) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> (B, D') image descriptor: CLS tokens of the last ``n_last_blocks`` blocks
+    (after the final norm) concatenated, plus the mean patch token when ``avgpool`` (DINO eval_linear);
+    CNNs: global average pool."""
+    x = normalise_frames(images)
+    if not hasattr(backbone, "get_intermediate_layers"):
+        return backbone(x).float().mean(dim=(-2, -1))
+    blocks = backbone.get_intermediate_layers(x, n=n_last_blocks, norm=True)
+    parts = [block[:, 0] for block in blocks]
+    if avgpool:
+        parts.append(blocks[-1][:, 1:].mean(dim=1))
+    return torch.cat(parts, dim=-1).float()

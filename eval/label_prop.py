@@ -1,0 +1,318 @@
+"""Semi-supervised label propagation: carry the first frame's mask through a video with frozen features.
+
+For each target frame, every feature cell looks at the first frame and the previous n frames, keeps its
+top-k most similar context cells (jointly over all context frames) inside a spatial neighbourhood, and
+takes the softmax(similarity / temperature)-weighted sum of their soft labels. Predictions are kept soft
+and fed back as context; argmax happens only at output.
+
+Two presets reproduce the published protocols (team docs evaluation.md §2.2, §2.3, §2.7):
+
+* ``dino`` (facebookresearch/dino eval_video_segmentation.py): frames resized to short side 480 and long
+  side floored to a multiple of 64; first frame + 7 previous; top-5; square neighbourhood |di|,|dj| <= 12
+  on every context frame; temperature 0.1; first-frame labels nearest-resized; output upsampled x stride
+  (bilinear), per-channel min-max normalised, argmax, nearest-resized to the original size.
+* ``crw`` (ajabri/videowalk test.py): native resolution (floored to a multiple of the stride); first frame
+  + 20 previous, missing previous frames are copies of the first; top-10; circular neighbourhood
+  (distance < 12) on all but the first frame; temperature 0.05; first-frame labels bilinear-resized;
+  output bilinear-resized to the original size, argmax.
+
+Speed and memory: the context lives in a ring buffer (no re-stacking per frame), and the affinity is
+computed tile by tile: a tile of query cells only meets the key window its neighbourhood can reach, so
+the work per query is (tile + 2r)^2 cells per context frame instead of the whole frame, and memory is
+one tile's scores, never the (context x N x N) affinity DINO's script materialises.
+"""
+import os, sys  # noqa: E401  (run as a script: make the repository root importable, not this folder)
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eval.davis_io import VOID_LABEL, Sequence, open_sequences, write_mask
+
+
+@dataclass(frozen=True)
+class PropagationConfig:
+    """Every knob of the propagation; see PRESETS for the published settings."""
+
+    context: int = 7                 # previous frames kept as context (plus the first frame)
+    topk: int = 5                    # neighbours kept per query cell, jointly over the whole context
+    radius: float = 12.0             # neighbourhood size in feature cells
+    neighbourhood: str = "square"    # "square": |di|, |dj| <= radius; "circle": di^2 + dj^2 < radius^2
+    restrict_first: bool = True      # apply the neighbourhood to the first frame too
+    pad_with_first: bool = False     # missing previous frames are copies of the first frame (CRW)
+    temperature: float = 0.1
+    label_resize: str = "nearest"    # first-frame labels to the feature grid: "nearest" | "bilinear"
+    output: str = "dino"             # "dino": x stride bilinear, min-max, argmax, nearest | "crw": bilinear, argmax
+    short_side: int | None = 480     # resize frames so the short side is this (None: keep the size)
+    size_multiple: int = 64          # floor the long side (and H, W when short_side is None) to this
+    tile: int = 8                    # query tile side in cells (memory and speed knob; results identical)
+
+    def __post_init__(self):
+        if self.neighbourhood not in ("square", "circle"):
+            raise ValueError(f"neighbourhood must be 'square' or 'circle', got {self.neighbourhood!r}")
+        if self.label_resize not in ("nearest", "bilinear") or self.output not in ("dino", "crw"):
+            raise ValueError("label_resize must be nearest|bilinear and output dino|crw")
+        if self.topk < 1 or self.context < 0 or self.temperature <= 0 or self.tile < 1:
+            raise ValueError(f"invalid propagation settings: {self}")
+
+
+PRESETS = {
+    "dino": PropagationConfig(),
+    "crw": PropagationConfig(context=20, topk=10, radius=12.0, neighbourhood="circle", restrict_first=False,
+                             pad_with_first=True, temperature=0.05, label_resize="bilinear", output="crw",
+                             short_side=None, size_multiple=0),
+}
+
+
+def network_size(height: int, width: int, cfg: PropagationConfig, stride: int) -> tuple[int, int]:
+    """Input size for the backbone: DINO's short-side-480 / floor-64 rule, or the native size floored to a
+    multiple of the stride (a ViT drops the remainder otherwise, see SMTC's note)."""
+    multiple = max(cfg.size_multiple, stride)
+    if cfg.short_side is None:
+        return height // multiple * multiple, width // multiple * multiple
+    if height > width:
+        return int(cfg.short_side * height / width) // multiple * multiple, cfg.short_side
+    return cfg.short_side, int(cfg.short_side * width / height) // multiple * multiple
+
+
+def first_frame_labels(mask: np.ndarray, grid: tuple[int, int], mode: str, device="cpu") -> torch.Tensor:
+    """(H, W) ids -> (C, h, w) one-hot (C = max id + 1; void counts as background) at the feature grid."""
+    ids = torch.from_numpy(np.where(mask == VOID_LABEL, 0, mask).astype(np.int64)).to(device)
+    onehot = F.one_hot(ids, int(ids.max()) + 1).permute(2, 0, 1).float()[None]
+    if mode == "nearest":  # PIL NEAREST = sample at pixel centres
+        return F.interpolate(onehot, size=grid, mode="nearest-exact")[0]
+    return F.interpolate(onehot, size=grid, mode="bilinear", align_corners=False)[0]
+
+
+def _neighbourhood_reach(cfg: PropagationConfig) -> int:
+    """Largest cell offset inside the neighbourhood."""
+    if cfg.neighbourhood == "square":
+        return int(math.floor(cfg.radius))
+    return max(int(math.ceil(cfg.radius)) - 1, 0)
+
+
+@dataclass
+class _Tile:
+    rows: slice            # query cells
+    cols: slice
+    key_rows: slice        # key window the neighbourhood reaches
+    key_cols: slice
+    outside: torch.Tensor  # (Q, K) bool: key cell outside the query cell's neighbourhood
+
+
+def plan_tiles(grid: tuple[int, int], cfg: PropagationConfig, device="cpu") -> list[_Tile]:
+    """Split the grid into query tiles with their key windows and neighbourhood masks (once per size)."""
+    h, w = grid
+    reach = _neighbourhood_reach(cfg)
+    tiles = []
+    for i0 in range(0, h, cfg.tile):
+        for j0 in range(0, w, cfg.tile):
+            rows, cols = slice(i0, min(i0 + cfg.tile, h)), slice(j0, min(j0 + cfg.tile, w))
+            key_rows = slice(max(i0 - reach, 0), min(rows.stop + reach, h))
+            key_cols = slice(max(j0 - reach, 0), min(cols.stop + reach, w))
+            qi, qj = torch.meshgrid(torch.arange(rows.start, rows.stop), torch.arange(cols.start, cols.stop),
+                                    indexing="ij")
+            ki, kj = torch.meshgrid(torch.arange(key_rows.start, key_rows.stop),
+                                    torch.arange(key_cols.start, key_cols.stop), indexing="ij")
+            di = qi.reshape(-1, 1) - ki.reshape(1, -1)
+            dj = qj.reshape(-1, 1) - kj.reshape(1, -1)
+            if cfg.neighbourhood == "square":
+                inside = (di.abs() <= cfg.radius) & (dj.abs() <= cfg.radius)
+            else:
+                inside = (di ** 2 + dj ** 2) < cfg.radius ** 2
+            tiles.append(_Tile(rows, cols, key_rows, key_cols, (~inside).to(device)))
+    return tiles
+
+
+class Propagator:
+    """The context of one video and the per-frame propagation step.
+
+    Context frames whose keys are restricted to the neighbourhood live in one buffer of ``slots`` frames:
+    the first frame in slot 0 when it is restricted too (DINO), then a ring of the previous n frames.
+    An unrestricted first frame (CRW) is searched over the whole grid on its own, and its top-k merged
+    with the windowed top-k, so no (Q, N + S*K) score matrix is ever concatenated.
+    """
+
+    def __init__(self, first_features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig):
+        dim, h, w = first_features.shape
+        self.cfg = cfg
+        self.num_classes = first_labels.shape[0]
+        self.tiles = plan_tiles((h, w), cfg, first_features.device)
+        self.ring_start = 1 if cfg.restrict_first else 0
+        slots = self.ring_start + cfg.context
+        self.keys = first_features.new_empty((slots, dim, h, w))
+        self.values = first_labels.new_empty((slots, self.num_classes, h, w))
+        if cfg.restrict_first:
+            self.keys[0], self.values[0] = first_features, first_labels
+        else:
+            self.first_keys = first_features.reshape(dim, -1)                  # (D, N)
+            self.first_values = first_labels.reshape(self.num_classes, -1).T   # (N, C)
+        if cfg.pad_with_first:  # CRW front-pads the video with copies of the annotated frame
+            self.keys[self.ring_start:] = first_features
+            self.values[self.ring_start:] = first_labels
+        self.filled = cfg.context if cfg.pad_with_first else 0
+        self.position = 0
+
+    @torch.inference_mode()
+    def step(self, features: torch.Tensor) -> torch.Tensor:
+        """Propagate to the next frame: (D, h, w) L2-normalised features -> (C, h, w) soft labels."""
+        cfg, num_classes = self.cfg, self.num_classes
+        dim, h, w = features.shape
+        active = self.ring_start + self.filled
+        out = features.new_empty((num_classes, h, w))
+        for tile in self.tiles:
+            query = features[:, tile.rows, tile.cols].reshape(dim, -1).T                          # (Q, D)
+            top = index = values = None
+            if active:
+                window = (slice(0, active), slice(None), tile.key_rows, tile.key_cols)
+                keys = self.keys[window].permute(1, 0, 2, 3).reshape(dim, -1)                     # (D, A*K)
+                scores = (query @ keys).view(len(query), active, -1)                              # (Q, A, K)
+                scores.masked_fill_(tile.outside[:, None], float("-inf"))
+                top, index = scores.view(len(query), -1).topk(min(cfg.topk, scores[0].numel()), dim=1)
+                values = self.values[window].permute(0, 2, 3, 1).reshape(-1, num_classes)[index]  # (Q, k, C)
+            if not cfg.restrict_first:
+                first_top, first_index = (query @ self.first_keys).topk(min(cfg.topk, self.first_keys.shape[1]), 1)
+                first_values = self.first_values[first_index]
+                if top is None:
+                    top, values = first_top, first_values
+                else:  # merge the two candidate lists: top-k of the union is top-k of the 2k candidates
+                    top, pick = torch.cat([top, first_top], 1).topk(cfg.topk, dim=1)
+                    values = torch.cat([values, first_values], 1).gather(
+                        1, pick[..., None].expand(-1, -1, num_classes))
+            weights = torch.softmax(top / cfg.temperature, dim=1)                                 # (Q, k)
+            soft = torch.einsum("qk,qkc->qc", weights, values)
+            out[:, tile.rows, tile.cols] = soft.T.reshape(num_classes, tile.rows.stop - tile.rows.start, -1)
+        if cfg.context:
+            self.keys[self.ring_start + self.position] = features
+            self.values[self.ring_start + self.position] = out
+            self.position = (self.position + 1) % cfg.context
+            self.filled = min(self.filled + 1, cfg.context)
+        return out
+
+
+def soft_to_mask(soft: torch.Tensor, size: tuple[int, int], cfg: PropagationConfig, stride: int) -> torch.Tensor:
+    """(C, h, w) soft labels -> (H, W) ids at the original frame size."""
+    if cfg.output == "crw":
+        return F.interpolate(soft[None], size=size, mode="bilinear", align_corners=False)[0].max(0).indices
+    up = F.interpolate(soft[None], scale_factor=stride, mode="bilinear", align_corners=False)[0]
+    low = up.amin(dim=(1, 2), keepdim=True)
+    high = up.amax(dim=(1, 2), keepdim=True)
+    # DINO's norm_mask: min-max per channel, only for channels that are positive somewhere
+    normed = torch.where(high > 0, (up - low) / (high - low).clamp_min(1e-12), up)
+    ids = normed.max(0).indices  # (max over a leading dim is much faster than argmax on CPU)
+    return F.interpolate(ids[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
+
+
+def propagate_video(features: Iterable[torch.Tensor], first_mask: np.ndarray, frame_size: tuple[int, int],
+                    cfg: PropagationConfig, stride: int) -> Iterator[np.ndarray]:
+    """Yield (H, W) uint8 masks for frames 1.. from an iterable of per-frame (D, h, w) features (frame 0
+    first). Frame 0's output is its ground truth and is not yielded."""
+    features = iter(features)
+    first = next(features)
+    labels = first_frame_labels(first_mask, tuple(first.shape[-2:]), cfg.label_resize, first.device)
+    propagator = Propagator(first, labels, cfg)
+    for frame_features in features:
+        soft = propagator.step(frame_features)
+        yield soft_to_mask(soft, frame_size, cfg, stride).to(torch.uint8).cpu().numpy()
+
+
+def sequence_features(sequence: Sequence, feature_fn, net_size: tuple[int, int], batch: int,
+                      device: torch.device) -> Iterator[torch.Tensor]:
+    """Per-frame features, computed `batch` frames at a time (decode, resize, forward)."""
+    for start in range(0, len(sequence.frames), batch):
+        frames = [torch.from_numpy(sequence.frame(i)) for i in range(start, min(start + batch, len(sequence.frames)))]
+        x = torch.stack(frames).to(device)
+        if tuple(x.shape[1:3]) != net_size:
+            x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=net_size, mode="bilinear",
+                              align_corners=False, antialias=True).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
+        yield from feature_fn(x)
+
+
+def propagate_sequences(sequences: list[Sequence], feature_fn, stride: int, cfg: PropagationConfig,
+                        out_dir: str | Path, device: torch.device, batch: int = 8) -> dict:
+    """Propagate every sequence and write palette PNGs in the DAVIS layout (frame 0 = its ground truth)."""
+    out_dir = Path(out_dir)
+    frames_done, started = 0, time.perf_counter()
+    for sequence in sequences:
+        first_stem = sequence.frame_stems[0]
+        if first_stem not in sequence.masks:
+            raise ValueError(f"sequence {sequence.name}: the first frame {first_stem} has no annotation")
+        first_mask = sequence.mask(first_stem)
+        net_size = network_size(*first_mask.shape, cfg, stride)
+        write_mask(out_dir / sequence.name / f"{first_stem}.png", first_mask)
+        feats = sequence_features(sequence, feature_fn, net_size, batch, device)
+        masks = propagate_video(feats, first_mask, first_mask.shape, cfg, stride)
+        for stem, mask in zip(sequence.frame_stems[1:], masks):
+            write_mask(out_dir / sequence.name / f"{stem}.png", mask)
+        frames_done += len(sequence.frames)
+    seconds = time.perf_counter() - started
+    return {"frames": frames_done, "seconds": seconds, "frames_per_second": frames_done / max(seconds, 1e-9)}
+
+
+def add_propagation_args(parser: argparse.ArgumentParser) -> None:
+    """The propagation options shared by this script and ``eval/run.py labelprop``."""
+    parser.add_argument("--protocol", default="dino", choices=sorted(PRESETS),
+                        help="published preset; the options below override single settings")
+    parser.add_argument("--context", type=int, help="previous frames used as context (dino 7, crw 20)")
+    parser.add_argument("--topk", type=int, help="neighbours kept per cell over the whole context (dino 5, crw 10)")
+    parser.add_argument("--radius", type=float, help="neighbourhood size in feature cells (12 for both)")
+    parser.add_argument("--neighbourhood", choices=("square", "circle"), help="neighbourhood shape")
+    parser.add_argument("--temperature", type=float, help="softmax temperature (dino 0.1, crw 0.05)")
+    parser.add_argument("--short-side", type=int, help="resize frames to this short side (dino 480); 0 keeps size")
+    parser.add_argument("--tile", type=int, help="query tile side in cells (speed/memory only; default 8)")
+    parser.add_argument("--layer", type=int, default=1, help="ViT block counted from the end (1 = last)")
+    parser.add_argument("--batch", type=int, default=8, help="frames per backbone forward")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu")
+
+
+def config_from_args(args: argparse.Namespace) -> PropagationConfig:
+    overrides = {k: getattr(args, k) for k in ("context", "topk", "radius", "neighbourhood", "temperature", "tile")
+                 if getattr(args, k) is not None}
+    if args.short_side is not None:
+        overrides["short_side"] = args.short_side or None
+    return replace(PRESETS[args.protocol], **overrides)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from eval import davis_metrics
+    from eval.features import dense_feature_fn, feature_stride, load_backbone
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="run dir, exported .safetensors, or DINO/timm checkpoint")
+    parser.add_argument("--arch", help="architecture of an official checkpoint, e.g. vit_small_patch16")
+    parser.add_argument("--data", required=True, help="DAVIS-layout folder or evaluation shards (manifest.json)")
+    parser.add_argument("--set", default="val", help="DAVIS subset (ImageSets/2017/<set>.txt)")
+    parser.add_argument("--out", required=True, help="results folder: <sequence>/<frame>.png")
+    parser.add_argument("--no-score", action="store_true", help="only write masks, do not compute J&F")
+    add_propagation_args(parser)
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    device = torch.device(args.device)
+    backbone = load_backbone(args.ckpt, args.arch).to(device).eval()
+    stride = feature_stride(backbone)
+    sequences = open_sequences(args.data, subset=args.set)
+    timing = propagate_sequences(sequences, dense_feature_fn(backbone, args.layer), stride, cfg, args.out, device,
+                                 args.batch)
+    print(f"protocol {args.protocol}: {asdict(cfg)}")
+    print(f"{timing['frames']} frames in {timing['seconds']:.1f} s ({timing['frames_per_second']:.2f} frames/s)")
+    result = {"protocol": args.protocol, "config": asdict(cfg), "timing": timing}
+    if not args.no_score:
+        scores = davis_metrics.evaluate_sequences(sequences, args.out)
+        result["scores"] = davis_metrics.global_table(scores)
+        davis_metrics.write_csvs(scores, args.out, args.set)
+        print(davis_metrics.format_table([result["scores"]], davis_metrics.GLOBAL_COLUMNS))
+    return result
+
+
+if __name__ == "__main__":
+    main()
