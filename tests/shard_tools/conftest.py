@@ -43,6 +43,19 @@ def set_mp4_rotation(path: Path, degrees_ccw: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def luma_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of the luma (BT.601) of two RGB arrays. Sources are 4:2:0 already, so the chroma detail
+    a packed 4:2:0 re-encode loses says nothing about the packing itself."""
+    luma = np.array([0.299, 0.587, 0.114])
+    mse = np.mean((a @ luma - b @ luma) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
+@pytest.fixture
+def psnr():
+    return luma_psnr
+
+
 @pytest.fixture
 def grey_video():
     return write_grey_video

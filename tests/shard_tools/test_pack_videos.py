@@ -11,14 +11,6 @@ from shard_tools.manifest import load_manifest
 from shard_tools.reader import decode_frames, iter_samples, sample_meta
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of the luma (BT.601) of two RGB arrays: the source is 4:2:0 already, so chroma detail
-    lost to the packed 4:2:0 re-encode says nothing about the packing."""
-    luma = np.array([0.299, 0.587, 0.114])
-    mse = np.mean((a @ luma - b @ luma) ** 2)
-    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
-
-
 def decode_file(path) -> np.ndarray:
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
@@ -29,7 +21,7 @@ def run_pack(*args) -> int:
 
 
 @pytest.mark.parametrize("fixture, min_psnr", [("jpeg_shards", 35), ("h264_shards", 30), ("vp9_shards", 33)])
-def test_round_trip_frames_size_fps_labels_and_pixels(request, synth_raw, fixture, min_psnr):
+def test_round_trip_frames_size_fps_labels_and_pixels(request, synth_raw, psnr, fixture, min_psnr):
     dataset = request.getfixturevalue(fixture)
     manifest = load_manifest(dataset)
     assert manifest["samples"] == 6 and manifest["frames"] == 6 * 32 and len(manifest["shards"]) >= 2
