@@ -4,15 +4,12 @@ Parameters per image (the last axis of `pipeline.params` colour arrays), in appl
 brightness factor, contrast factor, saturation factor, hue shift (fraction of a turn), grayscale
 flag, blur sigma (0: no blur), solarize flag. A skipped jitter is stored as (1, 1, 1, 0).
 
-Deliberate differences from torchvision's `ColorJitter` (DINO's recipe), chosen so one set of
-tensor ops serves every image of a batch at once on the CPU and the GPU:
-* the four jitter ops always run in the order above (torchvision permutes them per image);
-* hue is a rotation of the chroma plane in YIQ space (a 3x3 matrix per image, the way DALI's
-  `color_twist` does it) instead of an HSV round trip; the two agree closely for small shifts.
+Each op computes what torchvision's functional op of the same name computes (tested), for every
+image of a batch at once with its own factor, on the CPU and the GPU. One deliberate difference
+from `ColorJitter` (DINO's recipe): the four jitter ops always run in the order above, where
+torchvision permutes them per image.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +17,7 @@ import torch.nn.functional as F
 NUM_COLOR_PARAMS = 7
 IDENTITY = (1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0)
 BLUR_RADIUS = 6                       # 3 sigma at the largest sigma DINO draws (2.0)
-_LUMA = (0.299, 0.587, 0.114)         # ITU-R 601, as torchvision's rgb_to_grayscale
-_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_LUMA = (0.2989, 0.587, 0.114)        # torchvision's rgb_to_grayscale weights
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -30,16 +26,23 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1, keepdim=True)
 
 
-def hue_matrices(shift: torch.Tensor) -> torch.Tensor:
-    """(N,) hue shifts in turns -> (N, 3, 3) RGB matrices rotating chroma in YIQ space."""
-    to_yiq = torch.tensor(_RGB_TO_YIQ, device=shift.device, dtype=torch.float32)
-    from_yiq = torch.linalg.inv(to_yiq)
-    angle = shift.float() * 2 * math.pi
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    rot = torch.zeros(shift.shape[0], 3, 3, device=shift.device)
-    rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-    return from_yiq @ rot @ to_yiq
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue of image n of (N, 3, H, W) by shift[n] turns (torchvision's `adjust_hue`)."""
+    r, g, b = x.unbind(1)
+    value, _ = x.max(1)
+    chroma = value - x.min(1)[0]
+    flat = chroma == 0
+    sat = chroma / torch.where(flat, torch.ones_like(value), value)
+    safe = torch.where(flat, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (value - r) / safe, (value - g) / safe, (value - b) / safe
+    red_max, green_max = value == r, (value == g) & (value != r)
+    hue = torch.where(red_max, bc - gc, torch.where(green_max, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = (hue / 6.0 + 1.0 + shift.view(-1, 1, 1)) % 1.0
+    # back to RGB: each channel is the sector-wise piecewise-linear function of hue
+    sector = hue * 6.0
+    k = torch.stack([(5.0 + sector) % 6.0, (3.0 + sector) % 6.0, (1.0 + sector) % 6.0], 1)
+    ramp = torch.minimum(k, 4.0 - k).clamp(0, 1)
+    return value.unsqueeze(1) * (1 - sat.unsqueeze(1) * ramp)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -66,8 +69,7 @@ def apply_color(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     x = (sat * x + (1 - sat) * grayscale(x)).clamp_(0, 1)
     shifted = params[:, 3] != 0
     if shifted.any():
-        rotated = torch.einsum("nij,njhw->nihw", hue_matrices(params[shifted, 3]).to(x.dtype), x[shifted])
-        x[shifted] = rotated.clamp_(0, 1)
+        x[shifted] = shift_hue(x[shifted], params[shifted, 3].to(x.dtype))
     x = torch.where(gray > 0, grayscale(x).expand_as(x), x)
     blurred = params[:, 5] > 0
     if blurred.any():

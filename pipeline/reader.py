@@ -63,13 +63,15 @@ def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
 class ShardDataset:
     """The samples of a dataset folder and their members.
 
-    format: "jpeg" (frame members), "h264" or "vp9" (one `mp4`/`webm` member), from the manifest.
+    format: "jpeg" (frame members; also evaluation datasets, packed as "original" JPEG bytes),
+    "h264" or "vp9" (one `mp4`/`webm` member), from the manifest.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         manifest = load_manifest(self.path)
-        self.format = manifest.get("format", "jpeg")
+        fmt = manifest.get("format", "jpeg")
+        self.format = "jpeg" if fmt == "original" else fmt
         self.tar_paths = [Path(p) for p in manifest["tar_paths"]]
         self.samples: list[Sample] = []
         for shard, idx in enumerate(manifest["idx_paths"]):
