@@ -7,6 +7,7 @@ mid-write never leaves a checkpoint that ``--resume auto`` would pick up.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -48,9 +50,27 @@ def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, trainer_state: dict[str, Any],
-                    keep: int) -> Path:
-    """Write this step's checkpoint atomically (collective: every rank must call it)."""
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer: equal on all ranks iff their copies are bit-identical."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(accelerator: Accelerator, module: torch.nn.Module, run_dir: Path, step: int,
+                    trainer_state: dict[str, Any], keep: int) -> Path:
+    """Write this step's checkpoint atomically (collective: every rank must call it).
+
+    Also checks that data parallelism kept every rank's copy of ``module`` identical; a divergence
+    (a non-deterministic op outside DDP, a rank-dependent update) fails loudly instead of training on.
+    """
+    digest = weights_digest(module)
+    digests = gather_object([digest]) if accelerator.num_processes > 1 else [digest]
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"step {step}: the ranks' weights differ (digests {digests}); data-parallel "
+                           "training diverged. Report this with the run's config.yaml and versions.json")
     final = checkpoint_path(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
@@ -58,7 +78,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, trainer_
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    torch.save({**trainer_state, "world_size": accelerator.num_processes},
+    torch.save({**trainer_state, "world_size": accelerator.num_processes, "weights_sha256": digest},
                tmp / f"trainer-rank{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -27,6 +27,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from models.io import export_backbone  # noqa: E402
 from pipeline import build_loader  # noqa: E402
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             scheduled = core.begin_step(step)
             data_time = 0.0
             counting = args.report and flops_per_step is None
-            with (torch.utils.flop_counter.FlopCounterMode(display=False) if counting
+            with (FlopCounterMode(display=False) if counting
                   else contextlib.nullcontext()) as flop_counter:
                 for micro in range(cfg.optim.accum_steps):
                     t_data = time.perf_counter()
@@ -167,15 +168,18 @@ def main(argv: list[str] | None = None) -> int:
             grad_norm = clip_gradients_(core.parameters(), cfg.optim.clip_grad, cfg.optim.clip_mode)
 
             # One small all-reduce per step: every rank learns of a non-finite value or a stop signal.
-            flags = torch.tensor([float(not (torch.isfinite(loss) and torch.isfinite(grad_norm))),
-                                  float(stop.requested is not None)], device=accelerator.device)
-            nonfinite, stopping = (accelerator.reduce(flags, "max") > 0).tolist()
-            if nonfinite:
+            local = torch.stack([~(torch.isfinite(loss) & torch.isfinite(grad_norm)),
+                                 torch.tensor(stop.requested is not None, device=loss.device)]).float()
+            either = accelerator.reduce(local.clone(), "max")
+            (bad_here, _), (nonfinite, stopping) = (torch.stack([local, either]) > 0).tolist()
+            if bad_here:
                 dump = dump_nonfinite_batch(run_dir, rank, step, batch, {"loss": loss, "grad_norm": grad_norm, **logs})
-                telemetry.print(f"non-finite loss or gradient at step {step} (loss {loss.item():.4g}, grad norm "
-                                f"{grad_norm.item():.4g}); batch saved to {dump}. The last good checkpoint is "
-                                f"kept; lower optim.lr, raise optim.warmup_epochs or use --run.precision fp32, "
-                                f"then continue with --resume auto.")
+                samples = [loader.dataset.where(int(i)) for i in batch["sample"]] if "sample" in batch else []
+                print(f"rank {rank}: non-finite loss or gradient at step {step} (loss {loss.item():.4g}, grad norm "
+                      f"{grad_norm.item():.4g}); batch {samples} saved to {dump}. The last good checkpoint is "
+                      f"kept; lower optim.lr, raise optim.warmup_epochs or use --run.precision fp32, "
+                      f"then continue with --resume auto.", file=sys.stderr)
+            if nonfinite:
                 telemetry.close()
                 return EXIT_NONFINITE
             optimizer.step()
@@ -197,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                 telemetry.log(step, scalars)
                 window.clear()
             if step % cfg.run.ckpt_every == 0 or step == total or stopping:
-                save_checkpoint(accelerator, run_dir, step, {"step": step, "loader": loader.state_dict()},
+                save_checkpoint(accelerator, core, run_dir, step, {"step": step, "loader": loader.state_dict()},
                                 cfg.run.keep_checkpoints)
                 if accelerator.is_main_process:  # written to a temporary name, then renamed
                     export_backbone(core.backbone(), run_dir / "backbone.safetensors")
