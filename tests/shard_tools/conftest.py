@@ -43,6 +43,23 @@ def set_mp4_rotation(path: Path, degrees_ccw: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def write_noise_video(path: Path, frames: int = 60, fps: int = 10) -> Path:
+    """Random-noise H.264 with the moov box first (as web videos are), so a truncated copy still opens."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        rng = np.random.default_rng(0)
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def luma_psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR of the luma (BT.601) of two RGB arrays. Sources are 4:2:0 already, so the chroma detail
     a packed 4:2:0 re-encode loses says nothing about the packing itself."""
@@ -51,11 +68,21 @@ def luma_psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def psnr():
     return luma_psnr
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def grey_video():
     return write_grey_video
+
+
+@pytest.fixture(scope="session")
+def noise_video():
+    return write_noise_video
+
+
+@pytest.fixture(scope="session")
+def rotate_mp4():
+    return set_mp4_rotation

@@ -8,38 +8,20 @@ from shard_tools.inspect import verify_dataset
 from shard_tools.manifest import load_manifest
 from shard_tools.reader import decode_frames, iter_samples, sample_meta
 
-from conftest import set_mp4_rotation, write_grey_video
-
-
 def run_pack(*args) -> int:
     return pack.main([*map(str, args), "--quiet"])
 
 
-def write_faststart_noise_video(path, frames=60, fps=10):
-    """Random-noise H.264 with the moov box first (as web videos are), so a truncated copy still opens."""
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        rng = np.random.default_rng(0)
-        for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 @pytest.fixture(scope="module")
-def bad_src(tmp_path_factory):
+def bad_src(tmp_path_factory, grey_video, noise_video, rotate_mp4):
     src = tmp_path_factory.mktemp("bad") / "src"
-    good = write_grey_video(src / "good.mp4", frames=20)
+    good = grey_video(src / "good.mp4", frames=20)
     data = good.read_bytes()
     (src / "zero.mp4").write_bytes(b"")
     (src / "text.mp4").write_text("this is not a video\n" * 20)
     (src / "notes.txt").write_text("a readme next to the videos")
     (src / "truncated_moov_last.mp4").write_bytes(data[: len(data) // 2])
-    write_faststart_noise_video(src / "full.mp4")
+    noise_video(src / "full.mp4")
     full = (src / "full.mp4").read_bytes()
     (src / "truncated_moov_first.mp4").write_bytes(full[: len(full) // 2])
     corrupt = bytearray(full)                        # garbage in the middle of the frame data
@@ -52,10 +34,10 @@ def bad_src(tmp_path_factory):
         frame.sample_rate, frame.pts = 16000, 0
         for packet in [*stream.encode(frame), *stream.encode()]:
             container.mux(packet)
-    write_grey_video(src / "odd.webm", frames=10, width=63, height=47, codec="libvpx-vp9")
-    write_grey_video(src / "vfr.mp4", frames=10, pts=[0, 10, 20, 25, 30, 60, 70, 80, 90, 95])
-    rotated = write_grey_video(src / "rotated.mp4", frames=5, width=64, height=32)
-    set_mp4_rotation(rotated, -90)                   # a phone's portrait video: shown turned clockwise
+    grey_video(src / "odd.webm", frames=10, width=63, height=47, codec="libvpx-vp9")
+    grey_video(src / "vfr.mp4", frames=10, pts=[0, 10, 20, 25, 30, 60, 70, 80, 90, 95])
+    rotated = grey_video(src / "rotated.mp4", frames=5, width=64, height=32)
+    rotate_mp4(rotated, -90)                   # a phone's portrait video: shown turned clockwise
     return src
 
 
@@ -91,7 +73,7 @@ def test_good_odd_vfr_and_rotated_files_are_packed_correctly(packed):
     assert rotated.shape[1:3] == (64, 32) and (meta["width"], meta["height"]) == (32, 64)
 
 
-def test_rotation_turns_the_picture_the_way_players_show_it(tmp_path):
+def test_rotation_turns_the_picture_the_way_players_show_it(tmp_path, rotate_mp4):
     """A white left edge, displayed turned 90 degrees clockwise, ends up as the top rows."""
     src = tmp_path / "src"
     path = src / "r.mp4"
@@ -108,7 +90,7 @@ def test_rotation_turns_the_picture_the_way_players_show_it(tmp_path):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    set_mp4_rotation(path, -90)
+    rotate_mp4(path, -90)
     out = tmp_path / "out"
     assert run_pack("--kind", "videos", "--src", src, "--out", out, "--fps", 10, "--short-side", 0,
                     "--quality", 95) == 0
