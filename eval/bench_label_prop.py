@@ -63,8 +63,9 @@ def _dino_neighbourhood_mask(h: int, w: int, size: int) -> torch.Tensor:
 
 
 def dino_style_propagation(features: list[torch.Tensor], first_mask: np.ndarray, context: int = 7, topk: int = 5,
-                           size_mask: int = 12, stride: int = 16) -> list[np.ndarray]:
-    """Baseline: the DINO script's per-frame algorithm (see the module docstring)."""
+                           size_mask: int = 12, stride: int = 16) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """Baseline: the DINO script's per-frame algorithm (see the module docstring). Returns the soft
+    label maps (C, h, w) and the output masks of frames 1.."""
     dim, h, w = features[0].shape
     device = features[0].device
     height, width = first_mask.shape
@@ -72,7 +73,7 @@ def dino_style_propagation(features: list[torch.Tensor], first_mask: np.ndarray,
     first_feat = features[0].reshape(dim, -1).T                                     # (N, D), unnormalised copy
     queue: list[tuple[torch.Tensor, torch.Tensor]] = []
     neighbourhood = None
-    outputs = []
+    softs, outputs = [], []
     for target in features[1:]:
         context_feats = [first_feat] + [f for f, _ in queue]
         context_segs = [first_seg] + [s for _, s in queue]
@@ -94,13 +95,14 @@ def dino_style_propagation(features: list[torch.Tensor], first_mask: np.ndarray,
         if len(queue) == context:
             queue.pop(0)
         queue.append((feat_tar, soft))
+        softs.append(soft[0])
         up = F.interpolate(soft, scale_factor=stride, mode="bilinear", align_corners=False)[0]
         for c in range(num_classes):  # DINO's norm_mask
             if up[c].max() > 0:
                 up[c] = (up[c] - up[c].min()) / (up[c] - up[c].min()).max()
         ids = up.argmax(0).cpu().numpy().astype(np.uint8)
         outputs.append(np.array(Image.fromarray(ids).resize((width, height), Image.NEAREST)))
-    return outputs
+    return softs, outputs
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
                    args.frames, device)
     rows = [ours]
     if not args.skip_baseline:
-        rows.append(measure("dino-style", lambda: dino_style_propagation(feats, first_mask, stride=args.stride),
+        rows.append(measure("dino-style", lambda: dino_style_propagation(feats, first_mask, stride=args.stride)[1],
                             args.frames, device))
         agreement = np.mean([(a == b).mean() for a, b in zip(ours["masks"], rows[1]["masks"])])
         print(f"pixel agreement between the two: {agreement:.6f}")

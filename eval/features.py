@@ -17,28 +17,18 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # uint8 (B, H, W, 3) -> floa
 
 def load_backbone(ckpt: str | Path, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
     """A run directory (its ``backbone.safetensors``), an exported ``.safetensors``, or an official
-    DINO / timm checkpoint (``arch`` names the architecture when the file does not carry it)."""
-    import models
-    import models.io
+    DINO / timm / CRW checkpoint (``arch`` overrides the architecture inferred from the weights)."""
+    from models.io import load_backbone as load_weights_file
 
     path = Path(ckpt)
     if path.is_dir():
-        exported = path / "backbone.safetensors"
-        if not exported.is_file():
-            raise FileNotFoundError(f"{path} is a directory without backbone.safetensors: pass a run directory "
-                                    "written by train/run.py, or the checkpoint file itself")
-        path = exported
+        path = path / "backbone.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path.parent} has no backbone.safetensors: pass a run directory written by "
+                                    "train/run.py (it exports one at every checkpoint) or a checkpoint file")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    if path.suffix == ".safetensors" and arch is None:
-        return models.io.load_backbone(str(path), trust_pickle=trust_pickle)
-    if arch is None:
-        raise ValueError(f"{path}: an official DINO / timm checkpoint does not say which architecture it is; "
-                         "pass --arch (for example vit_small_patch16)")
-    backbone = models.build(arch)
-    state = models.io.load_backbone(str(path), trust_pickle=trust_pickle).state_dict()
-    backbone.load_state_dict(state)
-    return backbone
+        raise FileNotFoundError(f"{path}: no such checkpoint (expected a run directory, .safetensors or .pth)")
+    return load_weights_file(path, arch=arch, trust_pickle=trust_pickle).eval()
 
 
 def normalise_frames(frames: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -60,7 +50,7 @@ def dense_feature_fn(backbone: nn.Module, layer: int = 1, mean=IMAGENET_MEAN, st
             tokens = backbone.get_intermediate_layers(x, n=layer, norm=True)[0]
             patch = backbone.patch_size
             h, w = x.shape[-2] // patch, x.shape[-1] // patch
-            tokens = tokens[:, tokens.shape[1] - h * w:]  # drop CLS (and any register tokens)
+            tokens = tokens[:, backbone.num_prefix_tokens:]  # drop CLS (DINO's protocol)
             fmap = tokens.transpose(1, 2).reshape(len(x), -1, h, w)
         else:
             fmap = backbone(x)
