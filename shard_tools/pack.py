@@ -106,13 +106,13 @@ def _sample_json(settings: dict, source: Source, key: str, segment: int, start_f
     return json.dumps(meta, sort_keys=True).encode("utf-8")
 
 
-def pack_source(job: tuple[dict, Source, int | None, str]) -> dict:
+def pack_source(job: tuple[dict, Source, int | None, str, int]) -> dict:
     """Worker: turn one source into samples in its spool tar; returns (and writes) its record.
 
     A bad source leaves no samples, except with --kind long, where the complete segments before the
     error are kept and the error is still reported.
     """
-    settings, source, label, spool_dir = job
+    settings, source, label, spool_dir, decode_threads = job
     spool_dir = Path(spool_dir)
     enc = EncodeSettings(format=settings["format"], fps=settings["fps"], short_side=settings["short_side"],
                          quality=settings["quality"], crf=settings["crf"], gop=settings["gop"],
@@ -129,7 +129,7 @@ def pack_source(job: tuple[dict, Source, int | None, str]) -> dict:
             segments = [(segment, {"eval": True, "encoder": {"codec": "original"}, **extra})]
         else:
             gen = (frame_folder_segments(path, enc, clip_frames, stats) if settings["kind"] == "frames"
-                   else video_segments(str(path), enc, clip_frames, stats))
+                   else video_segments(str(path), enc, clip_frames, stats, decode_threads))
             segments = ((s, {"eval": False, "encoder": enc.encoder_info()}) for s in gen)
         for segment, extra in segments:
             if "width" not in extra:
@@ -253,19 +253,16 @@ def run(args: argparse.Namespace) -> int:
     for leftover in out.glob(f"{args.name}-*"):        # shards of an interrupted earlier assembly
         leftover.unlink()
     writer = ShardWriter(out, args.name, int(args.shard_size))
-    handles: dict[str, object] = {}
-    try:
-        for sample, video_id in samples:
-            f = handles.get(video_id) or handles.setdefault(video_id, open(spool / f"{video_id}.tar", "rb"))
+    for sample, video_id in samples:
+        # One open per sample (not one handle per source) keeps file descriptors bounded for
+        # datasets of hundreds of thousands of sources; the open is cheap next to the copy.
+        with open(spool / f"{video_id}.tar", "rb") as f:
             members = {}
             for ext, (offset, size) in sample[1]:
                 f.seek(offset)
                 members[ext] = f.read(size)
-            writer.write(sample[0], members, sample[2])
-        shards = writer.close()
-    finally:
-        for f in handles.values():
-            f.close()
+        writer.write(sample[0], members, sample[2])
+    shards = writer.close()
     manifest.update(shards=[r.as_dict() for r in shards], samples=len(samples),
                     frames=sum(r.frames for r in shards), skipped=sorted(skipped, key=lambda s: s["path"]),
                     tail_frames_dropped=sum(r["tail_frames_dropped"] for r in records), complete=True)
@@ -293,7 +290,9 @@ def _encode_sources(args: argparse.Namespace, settings: dict, sources: list[Sour
             records[source.video_id] = json.loads(done.read_text(encoding="utf-8"))
     for leftover in spool.glob(f"*{PARTIAL_SUFFIX}"):
         leftover.unlink()
-    jobs = [(settings, s, classes[s.label] if classes and s.label is not None else None, str(spool))
+    # Split the cores between workers so their threaded decoders do not oversubscribe the machine.
+    decode_threads = max(1, (os.cpu_count() or 1) // args.workers)
+    jobs = [(settings, s, classes[s.label] if classes and s.label is not None else None, str(spool), decode_threads)
             for s in sources if s.video_id not in records]
     bar = tqdm(total=len(sources), initial=len(sources) - len(jobs), unit="src", disable=args.quiet,
                desc=f"pack {args.kind}", dynamic_ncols=True)

@@ -152,7 +152,7 @@ def segment_frames(frames: Iterator[np.ndarray], settings: EncodeSettings, clip_
 
 
 def video_segments(path: str, settings: EncodeSettings, clip_frames: int | None,
-                   stats: dict) -> Iterator[Segment]:
+                   stats: dict, decode_threads: int = 0) -> Iterator[Segment]:
     """Decode a video file once, sequentially, at constant fps, and encode it into segments.
 
     Raises BadInput when the file cannot be opened or decoded, or ends more than a second (and
@@ -162,7 +162,7 @@ def video_segments(path: str, settings: EncodeSettings, clip_frames: int | None,
     info = probe_video(path)
     stats["source_fps"], stats["source_size"] = info.fps, [info.width, info.height]
     stats["rotation"], stats["codec"] = info.rotation, info.codec
-    frames = iter_video_frames(path, settings.fps, settings.short_side, info, stats)
+    frames = iter_video_frames(path, settings.fps, settings.short_side, info, stats, decode_threads)
     segments = segment_frames(frames, settings, clip_frames, stats)
     pending = next(segments, None)
     for segment in segments:

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from shard_tools import pack
+from shard_tools.encode import BadInput, EncodeSettings
+from shard_tools.sources import video_segments
 from shard_tools.inspect import verify_dataset
 from shard_tools.manifest import load_manifest
 from shard_tools.reader import decode_frames, iter_samples, sample_meta
@@ -55,7 +57,8 @@ def test_every_bad_file_is_reported_with_its_reason(packed):
     assert "cannot open as a video" in reasons["zero.mp4"] and "cannot open" in reasons["text.mp4"]
     assert "not a video file extension (.txt)" in reasons["notes.txt"]
     assert "cannot open" in reasons["truncated_moov_last.mp4"]
-    assert reasons["truncated_moov_first.mp4"].startswith("truncated: decoded")
+    # a threaded decoder reports the cut as a decode error, a single thread as a short stream
+    assert reasons["truncated_moov_first.mp4"].startswith(("truncated: decoded", "decode error"))
     assert "decode error" in reasons["corrupt.mp4"]
     assert reasons["audio_only.mp4"] == "no video stream"
 
@@ -107,3 +110,15 @@ def test_nothing_packable_exits_1_and_strict_exits_2(bad_src, tmp_path):
     assert run_pack("--kind", "videos", "--src", only_bad, "--out", tmp_path / "o1") == 1
     assert not load_manifest(tmp_path / "o1")["shards"]
     assert run_pack("--kind", "videos", "--src", bad_src, "--out", tmp_path / "o2", "--strict") == 2
+
+
+def test_a_stream_cut_between_packets_is_reported_as_truncated(bad_src, tmp_path):
+    """Cut after the 30th packet: everything left decodes cleanly, but 3 s of the declared 6 s are gone."""
+    full = bad_src / "full.mp4"
+    with av.open(str(full)) as container:
+        packets = [p for p in container.demux(video=0) if p.size]
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: packets[29].pos + packets[29].size])
+    segments = video_segments(str(cut), EncodeSettings(fps=10, short_side=0), None, {}, decode_threads=1)
+    with pytest.raises(BadInput, match=r"truncated: decoded 3\.00 s of the 6\.00 s"):
+        list(segments)
