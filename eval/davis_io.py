@@ -13,7 +13,6 @@ PASCAL-VOC colour map, generated here (never downloaded) so that our PNGs look l
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -126,28 +125,18 @@ class DavisFolder:
 def read_eval_shards(dataset_dir: str | Path) -> Iterator[Sequence]:
     """Evaluation samples from shards written by ``shard_tools/pack.py`` (design.md §1): the original
     JPEG and palette-PNG bytes, with the original file names from the sample's ``json``."""
-    from shard_tools.index import read_index
-    from shard_tools.manifest import load_manifest
+    from shard_tools.reader import iter_samples, sample_meta
 
-    dataset_dir = Path(dataset_dir)
-    manifest = load_manifest(dataset_dir)
-    for shard in manifest["shards"]:
-        tar_path = dataset_dir / shard["tar"]
-        with open(tar_path, "rb") as tar_file:
-            for key, members in read_index(dataset_dir / shard["idx"]):
-                data = {}
-                for ext, (offset, size) in members.items():
-                    tar_file.seek(offset)
-                    data[ext] = tar_file.read(size)
-                meta = json.loads(data["json"])
-                if not meta.get("eval"):
-                    raise ValueError(f"{tar_path}: sample {key} is not an evaluation sample (json 'eval' is "
-                                     "false); pack the DAVIS folder with --kind frames so Annotations/ is kept")
-                frame_names = meta["frames"]
-                frames = tuple(data[f"f{i:03d}.jpg"] for i in range(len(frame_names)))
-                stems = tuple(Path(n).stem for n in frame_names)
-                masks = {Path(n).stem: data[f"m{i:03d}.png"] for i, n in enumerate(meta["masks"])}
-                yield Sequence(meta.get("video_id") or key, frames, stems, masks)
+    for tar_path, key, members in iter_samples(dataset_dir):
+        meta, _ = sample_meta(members)
+        if not meta.get("eval"):
+            raise ValueError(f"{tar_path}: sample {key} is not an evaluation sample (its json 'eval' is false); "
+                             "pack the DAVIS folder with --kind frames so that Annotations/ is kept")
+        frames = tuple(members[f"f{i:03d}.jpg"] for i in range(len(meta["frames"])))
+        stems = tuple(Path(name).stem for name in meta["frames"])
+        position = {stem: i for i, stem in enumerate(stems)}  # mNNN.png is numbered by its frame
+        masks = {Path(name).stem: members[f"m{position[Path(name).stem]:03d}.png"] for name in meta["masks"]}
+        yield Sequence(meta.get("video_id") or key, frames, stems, masks)
 
 
 def open_sequences(path: str | Path, subset: str = "val", task: str = "semi-supervised") -> list[Sequence]:

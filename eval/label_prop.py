@@ -53,7 +53,7 @@ class PropagationConfig:
     output: str = "dino"             # "dino": x stride bilinear, min-max, argmax, nearest | "crw": bilinear, argmax
     short_side: int | None = 480     # resize frames so the short side is this (None: keep the size)
     size_multiple: int = 64          # floor the long side (and H, W when short_side is None) to this
-    tile: int = 8                    # query tile side in cells (memory and speed knob; results identical)
+    tile: int = 16                   # query tile side in cells (memory and speed knob; results identical)
 
     def __post_init__(self):
         if self.neighbourhood not in ("square", "circle"):
@@ -267,7 +267,7 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neighbourhood", choices=("square", "circle"), help="neighbourhood shape")
     parser.add_argument("--temperature", type=float, help="softmax temperature (dino 0.1, crw 0.05)")
     parser.add_argument("--short-side", type=int, help="resize frames to this short side (dino 480); 0 keeps size")
-    parser.add_argument("--tile", type=int, help="query tile side in cells (speed/memory only; default 8)")
+    parser.add_argument("--tile", type=int, help="query tile side in cells (speed/memory only; default 16)")
     parser.add_argument("--layer", type=int, default=1, help="ViT block counted from the end (1 = last)")
     parser.add_argument("--batch", type=int, default=8, help="frames per backbone forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

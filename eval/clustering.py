@@ -1,0 +1,126 @@
+"""Unsupervised semantic segmentation by clustering patch features (TimeT / Leopart protocol).
+
+Patch features -> standardised per dimension -> PCA to 50 dims -> k-means (k-means++ init, best of
+several restarts) -> cluster map -> matched to the ground truth -> mIoU.
+
+Matching (Leopart's ``PredsmIoU``):
+* ``hungarian`` (K = number of GT classes): one-to-one assignment maximising the summed IoU
+  (``scipy.optimize.linear_sum_assignment`` on 1 - IoU); clusters left unmatched become background 0.
+* ``many_to_one`` (over-clustering, K > classes): each cluster goes to the GT class that maximises its
+  precision TP / (TP + FP) (or its IoU with ``precision_based=False``); several clusters may share a class.
+Then IoU_c = TP / (TP + FP + FN) over all pixels of the evaluation unit, averaged over the GT classes
+present (background included). Pixels labelled 255 (void) are left out.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+IGNORE_LABEL = 255
+
+
+def standardise_and_project(features: torch.Tensor, dims: int = 50) -> torch.Tensor:
+    """(N, D) -> (N, min(dims, D)): zero mean / unit variance per dimension, then PCA."""
+    x = features.double()
+    x = (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-12)
+    dims = min(dims, x.shape[1])
+    _, vectors = torch.linalg.eigh(x.T @ x)  # principal axes of the centred data, ascending variance
+    return (x @ vectors[:, -dims:].flip(1)).float()
+
+
+def kmeans(x: torch.Tensor, k: int, iterations: int = 50, restarts: int = 5, seed: int = 1
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means with k-means++ seeding; the restart with the lowest inertia wins.
+    Returns (labels (N,), centroids (k, D)). Deterministic for a seed."""
+    if k > len(x):
+        raise ValueError(f"k-means with k={k} needs at least k points, got {len(x)}")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    best = (float("inf"), None, None)
+    squared_norms = (x * x).sum(1)
+    for _ in range(restarts):
+        centroids = x[torch.randint(len(x), (1,), generator=generator)]
+        nearest = torch.cdist(x, centroids).pow(2).squeeze(1)
+        for _ in range(1, k):  # k-means++: next centre drawn in proportion to squared distance
+            probabilities = (nearest / nearest.sum().clamp_min(1e-12)).cpu()
+            pick = torch.multinomial(probabilities, 1, generator=generator) if probabilities.sum() > 0 \
+                else torch.randint(len(x), (1,), generator=generator)
+            centroids = torch.cat([centroids, x[pick.to(x.device)]])
+            nearest = torch.minimum(nearest, torch.cdist(x, centroids[-1:]).pow(2).squeeze(1))
+        for _ in range(iterations):
+            distances = squared_norms[:, None] - 2 * x @ centroids.T + (centroids * centroids).sum(1)[None]
+            labels = distances.argmin(1)
+            sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+            counts = torch.bincount(labels, minlength=k).to(x.dtype)
+            updated = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
+            if torch.allclose(updated, centroids):
+                break
+            centroids = updated
+        distances = squared_norms[:, None] - 2 * x @ centroids.T + (centroids * centroids).sum(1)[None]
+        inertia, labels = distances.min(1)
+        if inertia.sum().item() < best[0]:
+            best = (inertia.sum().item(), labels, centroids)
+    return best[1], best[2]
+
+
+def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_gt: int, num_pred: int) -> np.ndarray:
+    """(num_gt, num_pred) pixel counts; GT pixels equal to 255 are skipped."""
+    gt, pred = np.asarray(gt).ravel(), np.asarray(pred).ravel()
+    keep = gt != IGNORE_LABEL
+    return np.bincount(gt[keep].astype(np.int64) * num_pred + pred[keep], minlength=num_gt * num_pred
+                       ).reshape(num_gt, num_pred)
+
+
+def _iou_matrix(confusion: np.ndarray) -> np.ndarray:
+    union = confusion.sum(1, keepdims=True) + confusion.sum(0, keepdims=True) - confusion
+    return confusion / np.maximum(union, 1)
+
+
+def hungarian_match(confusion: np.ndarray) -> np.ndarray:
+    """Cluster -> class map (num_pred,) maximising the summed IoU; unmatched clusters map to 0."""
+    rows, cols = linear_sum_assignment(1 - _iou_matrix(confusion))
+    mapping = np.zeros(confusion.shape[1], dtype=np.int64)
+    mapping[cols] = rows
+    return mapping
+
+
+def many_to_one_match(confusion: np.ndarray, precision_based: bool = True) -> np.ndarray:
+    """Cluster -> class map (num_pred,): each cluster to its best class by precision (or IoU)."""
+    if precision_based:
+        score = confusion / np.maximum(confusion.sum(0, keepdims=True), 1)
+    else:
+        score = _iou_matrix(confusion)
+    return score.argmax(0)
+
+
+def miou(confusion: np.ndarray, mapping: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """mIoU over the GT classes present, after relabelling clusters with ``mapping``. Returns the mean
+    and the per-class IoU (nan for classes absent from the GT)."""
+    if mapping is not None:  # merge predicted columns that map to the same class
+        merged = np.zeros((confusion.shape[0], confusion.shape[0]), dtype=confusion.dtype)
+        np.add.at(merged.T, mapping, confusion.T)
+        confusion = merged
+    tp = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    present = confusion.sum(1) > 0
+    per_class = np.where(present, tp / np.maximum(union, 1), np.nan)
+    return float(np.nanmean(per_class)), per_class
+
+
+def cluster_miou(features: torch.Tensor, gt: np.ndarray, k: int | None = None, overclustering: bool = False,
+                 pca_dims: int = 50, seed: int = 1) -> dict:
+    """One evaluation unit (a frame, a clip or a dataset): per-pixel features (N, D) and labels (N,).
+    ``k`` defaults to the number of GT classes present; ``overclustering`` uses many-to-one matching."""
+    gt = np.asarray(gt).ravel()
+    classes = np.unique(gt[gt != IGNORE_LABEL])
+    if len(classes) == 0:
+        raise ValueError("the evaluation unit has no labelled pixel")
+    dense_gt = np.full_like(gt, IGNORE_LABEL, dtype=np.int64)  # GT ids -> 0..C-1 (keeps void)
+    dense_gt[gt != IGNORE_LABEL] = np.searchsorted(classes, gt[gt != IGNORE_LABEL])
+    k = k or len(classes)
+    labels, _ = kmeans(standardise_and_project(features, pca_dims), k, seed=seed)
+    confusion = confusion_matrix(dense_gt, labels.cpu().numpy(), len(classes), k)
+    mapping = many_to_one_match(confusion) if overclustering else hungarian_match(confusion)
+    score, per_class = miou(confusion, mapping)
+    return {"miou": score, "per_class_iou": dict(zip(classes.tolist(), per_class.tolist())), "k": k,
+            "matching": "many-to-one (precision)" if overclustering else "hungarian"}
