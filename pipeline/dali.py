@@ -18,6 +18,7 @@ so picking T of a sample's frames happens in the workers, on encoded bytes.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 import numpy as np
@@ -106,9 +107,23 @@ def dali_batches(source: ClipSource, cfg: DataConfig, start: int) -> Iterator[tu
     on_gpu = cfg.device.startswith("cuda") and torch.cuda.is_available()
     pipe = build_graph(BatchCallback(source, cfg.batch_size, start), cfg, on_gpu)
     T, video = source.spec.frames, source.dataset.format != "jpeg"
-    for (out,) in DALIGenericIterator(pipe, ["frames", "rows"]):
+    batches = iter(DALIGenericIterator(pipe, ["frames", "rows"], prepare_first_batch=False))
+    for step in itertools.count():
+        try:
+            (out,) = next(batches)
+        except RuntimeError as err:
+            raise RuntimeError(_decode_failure(source, start + step * cfg.batch_size, cfg)) from err
         frames = out["frames"].to(cfg.device, non_blocking=True)
         frames = frames.reshape(-1, *frames.shape[-3:])
         rows = out["rows"] if video else out["rows"][::T]
         skipped = [int(r[4]) for r in rows.tolist() for _ in range(int(r[3]))]
         yield frames, rows.cpu(), skipped
+
+
+def _decode_failure(source: ClipSource, first: int, cfg: DataConfig) -> str:
+    """Name the samples of the batches DALI was decoding when it failed (it reports no sample)."""
+    ahead = cfg.batch_size * (cfg.prefetch + 1)
+    names = sorted({source.dataset.where(source.plan(p)[0].sample_id) for p in range(first, first + ahead)})
+    return (f"DALI could not decode a sample of {source.dataset.path} (a JPEG with a valid header but "
+            f"corrupt data; DALI cannot skip it). It is one of: {', '.join(names)}. Run once with "
+            "DataConfig(backend='cpu'), which skips and names undecodable samples, and repack those sources")

@@ -39,23 +39,26 @@ def frame_member(index: int) -> str:
 
 
 def jpeg_size(data: bytes | memoryview) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's start-of-frame header, None when the bytes are not a JPEG."""
-    buf = bytes(data[:65536]) if len(data) > 65536 else bytes(data)
+    """(width, height) of a JPEG whose header is complete (start-of-frame, then a start-of-scan
+    marker), else None: truncated or non-JPEG bytes are caught here, before any decoder sees them."""
+    buf = bytes(data[:65536])
     if buf[:2] != b"\xff\xd8":
         return None
-    at = 2
-    while at + 9 <= len(buf):
+    size, at = None, 2
+    while at + 4 <= len(buf):
         if buf[at] != 0xFF:
             return None
         marker = buf[at + 1]
         if marker == 0xFF:  # fill byte
             at += 1
             continue
+        if marker == 0xDA:  # start of scan: the header is complete
+            return size
         length = int.from_bytes(buf[at + 2:at + 4], "big")
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and at + 9 <= len(buf):
             height = int.from_bytes(buf[at + 5:at + 7], "big")
             width = int.from_bytes(buf[at + 7:at + 9], "big")
-            return (width, height) if width and height else None
+            size = (width, height) if width and height else None
         at += 2 + length
     return None
 
