@@ -161,26 +161,33 @@ def score_semisupervised(name: str, gt_labels: np.ndarray, pred_labels: np.ndarr
     return SequenceScores(name, j, f)
 
 
+def pairwise_scores(gt_labels: np.ndarray, pred_labels: np.ndarray, num_gt: int, num_proposals: int,
+                    void: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """J and F of every (proposal p, GT object g, frame t): two (num_proposals, num_gt, T) arrays.
+    Proposal ids beyond those present are empty masks (the toolkit's zero padding)."""
+    j = np.zeros((num_proposals, num_gt, len(gt_labels)))
+    f = np.zeros_like(j)
+    for g in range(num_gt):
+        gt_g = gt_labels == g + 1
+        for p in range(num_proposals):
+            pred_p = pred_labels == p + 1
+            j[p, g] = region_similarity(gt_g, pred_p, void)
+            f[p, g] = boundary_f_measure(gt_g, pred_p, void)
+    return j, f
+
+
 def score_unsupervised(name: str, gt_labels: np.ndarray, pred_labels: np.ndarray,
                        max_proposals: int = 20) -> tuple[SequenceScores, np.ndarray]:
     """Official unsupervised protocol: voids ignored, all frames, one Hungarian matching per sequence on
     the frame-averaged (J + F) / 2 between proposals and GT objects. Returns the matched scores and the
-    proposal assigned to each GT object."""
+    proposal id assigned to each GT object."""
     void = gt_labels == VOID_LABEL
     num_gt = int(np.where(void, 0, gt_labels)[0].max())
     num_proposals = int(pred_labels.max()) if pred_labels.size else 0
     if num_proposals > max_proposals:
         raise ValueError(f"sequence {name}: {num_proposals} proposal ids, the official protocol allows at "
                          f"most {max_proposals}; relabel the proposals to ids 1..{max_proposals}")
-    num_cols = max(num_proposals, num_gt)  # missing proposals are empty masks (toolkit zero-pads)
-    j = np.zeros((num_cols, num_gt, len(gt_labels)))
-    f = np.zeros_like(j)
-    for g in range(num_gt):
-        gt_g = gt_labels == g + 1
-        for p in range(num_cols):
-            pred_p = pred_labels == p + 1
-            j[p, g] = region_similarity(gt_g, pred_p, void)
-            f[p, g] = boundary_f_measure(gt_g, pred_p, void)
+    j, f = pairwise_scores(gt_labels, pred_labels, num_gt, max(num_proposals, num_gt), void)
     rows, cols = linear_sum_assignment(-(j.mean(axis=2) + f.mean(axis=2)) / 2)
     order = np.argsort(cols)
     return SequenceScores(name, j[rows[order], cols[order]], f[rows[order], cols[order]]), rows[order] + 1
