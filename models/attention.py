@@ -35,30 +35,32 @@ def xformers_works() -> bool:
 
 
 def check_backend(name: str) -> str:
-    """Validate a backend name early (at model construction) with a message listing the choices."""
+    """Validate a backend name when a model is built, so a bad choice fails before training starts.
+
+    ``xformers`` is checked here (once, cached) rather than per forward pass, which keeps the
+    forward free of Python-side probing under ``torch.compile``.
+    """
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    if name == "xformers" and not xformers_works():
+        raise RuntimeError("attn='xformers' needs a CUDA GPU and a CUDA build of xformers that runs on it: "
+                           "pip install 'densevid[xformers]' (a wheel matching your torch and CUDA), "
+                           "or use attn='auto'")
     return name
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """Turn ``name`` into the kernel that will actually run on ``device``.
+    """The kernel that runs for backend ``name`` (already checked) on ``device``.
 
     ``auto`` is SDPA everywhere: on CUDA it dispatches to FlashAttention-2 / cuDNN / memory-efficient
     kernels (at least as fast as xformers' kernels on Ampere and Hopper with torch >= 2.3), on CPU
     to a blocked flash kernel; both keep memory linear in the token count. xformers is opt-in.
     """
-    check_backend(name)
     if name == "auto":
         return "sdpa"
-    if name == "xformers":
-        if device.type != "cuda":
-            raise RuntimeError(f"attn='xformers' needs the model on a CUDA device, it is on {device}; "
-                               "use attn='auto' or 'sdpa' elsewhere")
-        if not xformers_works():
-            raise RuntimeError("attn='xformers' but no working CUDA build of xformers is importable: "
-                               "pip install 'densevid[xformers]' (a wheel matching your torch/CUDA), "
-                               "or use attn='auto'")
+    if name == "xformers" and device.type != "cuda":
+        raise RuntimeError(f"attn='xformers' needs the model on a CUDA device, it is on {device}; "
+                           "use attn='auto' or 'sdpa' elsewhere")
     return name
 
 

@@ -1,9 +1,10 @@
 """ViT: backend equivalence, exact attention maps, positional embeddings, timm compatibility."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
-from models.attention import resolve_backend
+from models.attention import resolve_backend, xformers_works
 from models.vit import VisionTransformer, drop_path, resize_pos_embed
 
 
@@ -42,7 +43,10 @@ def test_backends_agree_on_outputs_and_gradients(backend):
 def test_backend_switch_validates_names():
     with pytest.raises(ValueError, match="unknown attention backend"):
         tiny_vit(attn="flash")
-    with pytest.raises(RuntimeError, match="CUDA"):
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"pip install 'densevid\[xformers\]'"):
+            tiny_vit(attn="xformers")
+    with pytest.raises(RuntimeError, match="CUDA device"):
         resolve_backend("xformers", torch.device("cpu"))
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
 
@@ -142,3 +146,57 @@ def test_state_dict_runs_in_timm_vision_transformer():
     out = vit.forward_features(x)
     torch.testing.assert_close(out["cls"], tokens[:, 0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out["patches"], tokens[:, 1:], atol=1e-5, rtol=1e-4)
+
+
+class RecordOps(TorchDispatchMode):
+    """Records (op name, output shapes) of every aten op call run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outputs = out if isinstance(out, (tuple, list)) else [out]
+        self.ops.append((str(func), [tuple(t.shape) for t in outputs if isinstance(t, torch.Tensor)]))
+        return out
+
+
+def test_fast_path_never_materialises_token_by_token_matrices():
+    vit = tiny_vit()
+    x = torch.randn(1, 3, 160, 160)  # 100 patches + CLS = 101 tokens
+    square = lambda shape: len(shape) >= 2 and shape[-2:] == (101, 101)  # noqa: E731
+    for maps, fused_blocks in ((False, 3), (True, 2)):
+        with torch.no_grad(), RecordOps() as record:
+            vit.forward_features(x, return_attention=maps)
+        fused = [name for name, _ in record.ops if "scaled_dot_product" in name]
+        assert len(fused) == fused_blocks  # the maps only take the last block off the fused kernel
+        assert any(square(shape) for _, shapes in record.ops for shape in shapes) == maps
+
+
+@pytest.mark.gpu
+def test_cuda_backends_agree_in_bf16():
+    x = torch.randn(4, 3, 64, 96, device="cuda")
+    names = ["math", "sdpa"] + (["xformers"] if xformers_works() else [])
+    outputs = {}
+    for name in names:
+        vit = tiny_vit(attn=name).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = vit.forward_features(x)["patches"]
+        out.float().square().mean().backward()
+        outputs[name] = (out.float(), vit.blocks[0].attn.qkv.weight.grad)
+    for name in names[1:]:
+        torch.testing.assert_close(outputs[name][0], outputs["math"][0], atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(outputs[name][1], outputs["math"][1], atol=3e-3, rtol=5e-2)
+
+
+@pytest.mark.gpu
+def test_480p_inference_memory_stays_below_one_attention_matrix():
+    vit = models.build("vit_small_patch8").cuda().eval()
+    frame = torch.randn(1, 3, 480, 864, device="cuda")  # 60 x 108 = 6,480 patches
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        vit.forward_features(frame)
+    one_attention_matrix = 6 * 6481 ** 2 * 4  # heads x N x N float32: 1.0 GB
+    assert torch.cuda.max_memory_allocated() - base < one_attention_matrix / 4
