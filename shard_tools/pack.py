@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="dataset name: shard prefix and key prefix (default: --out's folder name)")
     p.add_argument("--labels", default=None, help="CSV of `path,label` rows (path relative to --src); "
                                                   "videos it does not list are skipped and reported")
+    p.add_argument("--subset", default=None, help="--kind frames: a text file naming the frame folders to pack, one "
+                                                  "per line (e.g. DAVIS ImageSets/2017/val.txt); others are left out")
     p.add_argument("--format", choices=FORMATS, default="jpeg",
                    help="sample payload: JPEG frames (fastest to train from), H.264 mp4 or VP9 webm (compact)")
     p.add_argument("--fps", type=float, default=30.0, help="constant output frame rate (frames: the declared rate of the folders)")
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def pack_settings(args: argparse.Namespace) -> dict:
     """Every option that changes the output (the manifest's `settings`; a resume must match them)."""
     return {"kind": args.kind, "src": str(Path(args.src).resolve()), "name": args.name, "labels": args.labels,
-            "format": args.format, "fps": args.fps, "short_side": args.short_side,
+            "subset": args.subset, "format": args.format, "fps": args.fps, "short_side": args.short_side,
             "clip_seconds": args.clip_seconds, "quality": args.quality, "crf": args.crf, "gop": args.gop,
             "preset": args.preset, "shard_size": args.shard_size, "seed": args.seed}
 
@@ -214,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
     src, out = Path(args.src), Path(args.out)
     if not src.is_dir():
         raise SystemExit(f"error: --src {src} is not a folder")
+    if args.subset and args.kind != "frames":
+        raise SystemExit("error: --subset applies to --kind frames only")
     if args.kind == "long" and not args.clip_seconds:
         raise SystemExit("error: --kind long needs --clip-seconds (the segment length), e.g. --clip-seconds 10")
     if args.clip_seconds and args.format == "jpeg" and round(args.clip_seconds * args.fps) > 1000:
@@ -226,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
     spool = out / SPOOL
     try:
         if args.kind == "frames":
-            sources, skipped = find_frame_folders(src)
+            subset = Path(args.subset).read_text(encoding="utf-8").split() if args.subset else None
+            sources, skipped = find_frame_folders(src, subset)
         else:
             sources, skipped = find_videos(src, args.labels)
     except (OSError, ValueError) as err:

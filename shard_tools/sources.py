@@ -112,12 +112,22 @@ def _frames_roots(src: Path) -> tuple[Path, Path | None]:
     return src, None
 
 
-def find_frame_folders(src: Path) -> tuple[list[Source], list[dict]]:
-    """Frame folders (`JPEGImages[/480p]/<video>/`, else `src/<video>/`), with their mask folders."""
+def find_frame_folders(src: Path, subset: list[str] | None = None) -> tuple[list[Source], list[dict]]:
+    """Frame folders (`JPEGImages[/480p]/<video>/`, else `src/<video>/`), with their mask folders.
+
+    `subset` (e.g. the lines of DAVIS `ImageSets/2017/val.txt`) keeps only the folders it names;
+    a name with no folder is reported as skipped.
+    """
     frame_root, mask_root = _frames_roots(src)
     names = sorted(p.name for p in frame_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    skipped = []
+    if subset is not None:
+        wanted = set(subset)
+        skipped = [_skip((frame_root / n).relative_to(src).as_posix(), "listed in --subset but no such folder")
+                   for n in sorted(wanted - set(names))]
+        names = [n for n in names if n in wanted]
     ids = unique_video_ids(names)
-    sources, skipped = [], []
+    sources = []
     for name in names:
         rel = (frame_root / name).relative_to(src).as_posix()
         masks = mask_root / name if mask_root is not None else None
@@ -196,8 +206,17 @@ def frame_folder_segments(folder: Path, settings: EncodeSettings, clip_frames: i
                           stats: dict) -> Iterator[Segment]:
     """Re-encode a frame folder (each JPEG one frame at the declared `--fps`) into segments."""
     paths = list_frames(folder)
-    frames = (resize_rgb(_load_image(p.read_bytes(), p), settings.short_side) for p in paths)
-    yield from segment_frames(frames, settings, clip_frames, stats)
+
+    def frames() -> Iterator[np.ndarray]:
+        first = None
+        for p in paths:
+            image = _load_image(p.read_bytes(), p)
+            first = first or image.size
+            if image.size != first:
+                raise BadInput(f"frame {p.name} is {image.size[0]}x{image.size[1]}, the first is {first[0]}x{first[1]}")
+            yield resize_rgb(image, settings.short_side)
+
+    yield from segment_frames(frames(), settings, clip_frames, stats)
 
 
 def eval_sample(folder: Path, mask_folder: Path) -> tuple[Segment, dict]:

@@ -89,3 +89,23 @@ def test_bad_frame_folders_are_reported_and_the_rest_packed(davis_dir, tmp_path)
 def test_strict_stops_at_the_first_bad_folder(davis_dir, tmp_path):
     src = _corrupt_davis(davis_dir, tmp_path)
     assert run_pack("--kind", "frames", "--src", src, "--out", tmp_path / "out", "--strict") == 2
+
+
+def test_subset_packs_only_the_listed_sequences(davis_dir, tmp_path):
+    (tmp_path / "val.txt").write_text("synth01\nmissing\n")
+    out = tmp_path / "out"
+    assert run_pack("--kind", "frames", "--src", davis_dir, "--out", out, "--subset", tmp_path / "val.txt") == 0
+    assert [sample_meta(m)[0]["video_id"] for _, _, m in iter_samples(out)] == ["synth01"]
+    assert load_manifest(out)["skipped"] == [{"path": "JPEGImages/480p/missing",
+                                              "reason": "listed in --subset but no such folder"}]
+
+
+def test_training_frame_folder_with_mixed_sizes_is_reported(davis_dir, tmp_path):
+    src = tmp_path / "frames"
+    shutil.copytree(davis_dir / "JPEGImages" / "480p", src)
+    Image.open(src / "synth00" / "00004.jpg").resize((64, 48)).save(src / "synth00" / "00004.jpg")
+    out = tmp_path / "out"
+    assert run_pack("--kind", "frames", "--src", src, "--out", out) == 0
+    assert [sample_meta(m)[0]["video_id"] for _, _, m in iter_samples(out)] == ["synth01"]
+    [skipped] = load_manifest(out)["skipped"]
+    assert skipped == {"path": "synth00", "reason": "frame 00004.jpg is 64x48, the first is 128x96"}
