@@ -74,14 +74,18 @@ def build_graph(callback: BatchCallback, cfg: DataConfig, on_gpu: bool):
     spec, video = source.spec, source.dataset.format != "jpeg"
     device = "mixed" if on_gpu else "cpu"
     per_batch = cfg.batch_size if video else cfg.batch_size * spec.frames
+    workers = max(1, cfg.num_workers)
 
+    # spawn, not fork: the training process has usually initialised CUDA before it builds the loader
     @pipeline_def(batch_size=per_batch, num_threads=cfg.num_threads,
                   device_id=torch.cuda.current_device() if on_gpu else None,
-                  py_num_workers=max(1, cfg.num_workers), py_start_method="spawn",
+                  py_num_workers=workers, py_start_method="spawn",
                   prefetch_queue_depth=cfg.prefetch, seed=cfg.seed)
     def graph():
+        # A batch callback runs in one worker; only batches queued ahead run concurrently, so the
+        # queue must be at least as deep as the worker pool (DALI's default depth, 1, uses one worker).
         outputs = fn.external_source(source=callback, num_outputs=3 if video else 2, parallel=True,
-                                     batch=True, batch_info=True,
+                                     batch=True, batch_info=True, prefetch_queue_depth=max(cfg.prefetch, workers),
                                      dtype=[types.UINT8, types.FLOAT64] + ([types.INT32] if video else []))
         if video:
             encoded, rows, starts = outputs

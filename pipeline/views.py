@@ -124,9 +124,10 @@ def crop_resize(frames: torch.Tensor, boxes: torch.Tensor, frame_ids: torch.Tens
     if frames.is_cuda:
         from torchvision.ops import roi_align
 
-        rois = torch.cat([frame_ids.reshape(-1, 1).to(frames.dtype if frames.is_floating_point() else torch.float32),
-                          boxes.repeat_interleave(G, dim=0).float()], dim=1)
-        src = frames if frames.is_floating_point() else frames.half()
+        rois = torch.cat([frame_ids.reshape(-1, 1), boxes.repeat_interleave(G, dim=0)], dim=1)
+        # half holds the integer frame ids and pixel coordinates exactly up to 2048
+        exact = max(frames.shape[0], *frames.shape[-2:]) <= 2048
+        src = frames if frames.is_floating_point() else frames.half() if exact else frames.float()
         out = roi_align(src, rois.to(src.dtype), (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         return out.reshape(K, G, 3, size, size)
     out = torch.empty((K, G, 3, size, size), dtype=frames.dtype)
