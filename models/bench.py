@@ -30,7 +30,8 @@ from models.attention import xformers_works
 from models.registry import build
 
 VARIANTS = ("timm:eager", "timm:sdpa", "timm:sdpa+compile",
-            "ours:math", "ours:sdpa", "ours:xformers", "ours:sdpa+compile", "ours:xformers+compile")
+            "ours:math", "ours:sdpa", "ours:auto", "ours:xformers",
+            "ours:sdpa+compile", "ours:auto+compile", "ours:xformers+compile")
 BASELINE = "timm:sdpa+compile"
 # Dense bf16 tensor-core peaks (FLOP/s), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
@@ -91,7 +92,7 @@ def make_variant(name: str, variant: str, img_size: int, device: torch.device, c
     """
     impl, _, setting = variant.partition(":")
     backend, _, compiled = setting.partition("+")
-    allowed = {"ours": ("math", "sdpa", "xformers"), "timm": ("eager", "sdpa")}
+    allowed = {"ours": ("math", "sdpa", "auto", "xformers"), "timm": ("eager", "sdpa")}
     if backend not in allowed.get(impl, ()) or compiled not in ("", "compile"):
         raise ValueError(f"variant {variant!r} is not impl:backend[+compile]; known: {VARIANTS}")
     if impl == "ours":
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{name:20s} {variant:24s} {img_per_s:10.1f} img/s", flush=True)
     lp_rows = []
     for name in args.lp_models:
-        for backend in ("math", "sdpa", "xformers"):
+        for backend in ("math", "auto", "xformers"):
             if backend == "xformers" and not (device.type == "cuda" and xformers_works()):
                 continue
             for maps in (False, True):
@@ -223,7 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="registered ViT names to benchmark (default: %(default)s)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                         help="impl:backend[+compile] rows; impl is ours|timm, backend eager (timm only), "
-                             "math, sdpa or xformers (default: all of %(default)s)")
+                             "math, sdpa, auto or xformers (ours only) (default: all of %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per step (default: %(default)s)")
     parser.add_argument("--img-size", type=int, default=224, help="square training resolution (default: %(default)s)")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16",

@@ -156,12 +156,13 @@ def export_backbone(model: nn.Module, path: str | Path, arch: str | None = None,
     """
     from safetensors.torch import save_file
 
+    for wrapper in ("module", "_orig_mod"):  # DistributedDataParallel, then torch.compile
+        model = getattr(model, wrapper, model)
     if arch is None:
         if not hasattr(model, "build_spec"):
             raise ValueError("the model was not made by models.build: pass arch= and its kwargs")
         arch, recorded = model.build_spec
         kwargs = {**{k: v for k, v in recorded.items() if k not in RUNTIME_KWARGS}, **kwargs}
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")

@@ -45,7 +45,7 @@ def test_tiny_cpu_run_covers_every_variant(tmp_path, monkeypatch):
     assert all(rows[v]["img_per_s"] > 0 for v in ran)
     assert all(rows[v]["note"].startswith("skipped") for v in bench.VARIANTS if "xformers" in v)
     assert [(r["backend"], r["attention_maps"]) for r in result["labelprop"]] == [
-        ("math", False), ("math", True), ("sdpa", False), ("sdpa", True)]
+        ("math", False), ("math", True), ("auto", False), ("auto", True)]
     assert json.loads(out.read_text())["settings"]["batch_size"] == 2
     with pytest.raises(ValueError, match="impl:backend"):
         bench.make_variant("vit_micro", "ours:eager", 32, torch.device("cpu"))

@@ -86,6 +86,10 @@ def test_export_loads_into_timm_and_gives_the_same_features(tmp_path, vit_pair):
     torch.testing.assert_close(out["patches"], expected[:, 1:], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(out["cls"], expected[:, 0], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(reloaded["patches"], out["patches"], rtol=0, atol=0)
+    # A torch.compile wrapper (lazy: nothing is compiled here) exports the same keys and arch.
+    wrapped = export_backbone(torch.compile(model), tmp_path / "compiled.safetensors")
+    assert load_file(wrapped).keys() == load_file(path).keys()
+    assert read_checkpoint(wrapped)[1]["arch"] == "vit_tiny_patch16"
 
 
 def test_timm_state_dict_with_classifier_and_resized_positions(tmp_path, caplog):

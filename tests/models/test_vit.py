@@ -177,7 +177,7 @@ def test_fast_path_never_materialises_token_by_token_matrices():
 @pytest.mark.gpu
 def test_cuda_backends_agree_in_bf16():
     x = torch.randn(4, 3, 64, 96, device="cuda")
-    names = ["math", "sdpa"] + (["xformers"] if xformers_works() else [])
+    names = ["math", "sdpa", "auto"] + (["xformers"] if xformers_works() else [])
     outputs = {}
     for name in names:
         vit = tiny_vit(attn=name).cuda()
