@@ -2,7 +2,7 @@
 
     python shard_tools/bench_pack.py --work /tmp/bench_pack --workers 1 2 --formats jpeg h264
 
-Generates synthetic H.264 inputs once (`--videos` of `--seconds` at `--width`x`--height`, 30 fps),
+Generates synthetic H.264 inputs once (about web-video bit rate) (`--videos` of `--seconds` at `--width`x`--height`, 30 fps),
 then for every format and worker count times `pack.py --kind videos` (constant --fps, short side
 --short-side, JPEG quality 90 or H.264 CRF 23 / GOP 16 / no B-frames) and, when `ffmpeg` is on PATH
 (or given with --ffmpeg), the same transcode by the ffmpeg CLI, one process per video with the same
@@ -37,8 +37,9 @@ def make_inputs(folder: Path, videos: int, seconds: float, width: int, height: i
     for i in range(videos):
         path = folder / f"video_{i:03d}.mp4"
         if not path.exists():
-            frames, _ = render_video(1000 + i, int(seconds * SOURCE_FPS), width, height, 3, "stripes")
-            write_mp4(path, frames, SOURCE_FPS)
+            # Little sensor noise and CRF 23: a bit rate like web video (noise makes decoding slow).
+            frames, _ = render_video(1000 + i, int(seconds * SOURCE_FPS), width, height, 3, "blobs", noise=0.005)
+            write_mp4(path, frames, SOURCE_FPS, crf=23)
         paths.append(path)
     return paths
 

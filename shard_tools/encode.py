@@ -177,11 +177,17 @@ class SegmentEncoder:
     def __init__(self, settings: EncodeSettings):
         self.settings = settings
         self.nframes = 0
+        self.size: tuple[int, int] | None = None      # (width, height) of the frames added
         self._jpegs: dict[str, bytes] = {}
         self._buffer: io.BytesIO | None = None
         self._container = self._stream = None
 
     def add(self, rgb: np.ndarray) -> None:
+        size = (rgb.shape[1], rgb.shape[0])
+        if self.size is None:
+            self.size = size
+        elif size != self.size:
+            raise ValueError(f"frame size {size} differs from the sample's {self.size}")
         if self.settings.format == "jpeg":
             if self.nframes >= MAX_FRAMES_PER_SAMPLE:
                 raise ValueError(f"a JPEG sample holds at most {MAX_FRAMES_PER_SAMPLE} frames")
@@ -190,7 +196,7 @@ class SegmentEncoder:
             self._jpegs[f"f{self.nframes:03d}.jpg"] = buf.getvalue()
         else:
             if self._stream is None:
-                self._open_encoder(rgb.shape[1], rgb.shape[0])
+                self._open_encoder(*size)
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts = self.nframes
             for packet in self._stream.encode(frame):

@@ -38,7 +38,7 @@ import shard_tools  # noqa: E402
 from shard_tools.encode import FORMATS, BadInput, EncodeSettings  # noqa: E402
 from shard_tools.keys import sample_key, sanitize_key  # noqa: E402
 from shard_tools.manifest import MANIFEST, write_manifest  # noqa: E402
-from shard_tools.sources import (Source, eval_sample, find_frame_folders, find_videos,  # noqa: E402
+from shard_tools.sources import (Segment, Source, eval_sample, find_frame_folders, find_videos,  # noqa: E402
                                  frame_folder_segments, video_segments)
 from shard_tools.writer import PARTIAL_SUFFIX, SampleTar, ShardWriter  # noqa: E402
 
@@ -98,13 +98,14 @@ def _versions() -> dict:
             "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])), "numpy": np.__version__, "pillow": PIL.__version__}
 
 
-def _sample_json(settings: dict, source: Source, key: str, segment: int, start_frame: int, nframes: int,
-                 label: int | None, extra: dict) -> bytes:
+def _sample_json(settings: dict, source: Source, key: str, segment: Segment, label: int | None,
+                 extra: dict) -> bytes:
+    """The sample's `json` member (fields listed in docs/design.md §1)."""
     meta = {"key": key, "dataset": settings["name"], "source": source.rel, "video_id": source.video_id,
-            "segment": segment, "start_time": round(start_frame / settings["fps"], 6), "fps": settings["fps"],
-            "nframes": nframes, "format": settings["format"], "encoder": extra.pop("encoder"),
-            "label": label, "label_name": source.label, "eval": extra.pop("eval"),
-            "frames": None, "masks": None, **extra}
+            "segment": segment.index, "start_time": round(segment.start_frame / settings["fps"], 6),
+            "fps": settings["fps"], "width": segment.width, "height": segment.height, "nframes": segment.nframes,
+            "format": "original" if extra["eval"] else settings["format"], "label": label,
+            "label_name": source.label, "frames": None, "masks": None, **extra}
     return json.dumps(meta, sort_keys=True).encode("utf-8")
 
 
@@ -134,12 +135,9 @@ def pack_source(job: tuple[dict, Source, int | None, str, int]) -> dict:
                    else video_segments(str(path), enc, clip_frames, stats, decode_threads))
             segments = ((s, {"eval": False, "encoder": enc.encoder_info()}) for s in gen)
         for segment, extra in segments:
-            if "width" not in extra:
-                extra["width"], extra["height"] = _payload_size(segment.members)
             key = sample_key(settings["name"], source.video_id, segment.index)
             members = dict(segment.members)
-            members["json"] = _sample_json(settings, source, key, segment.index, segment.start_frame,
-                                           segment.nframes, label, extra)
+            members["json"] = _sample_json(settings, source, key, segment, label, extra)
             members["nframes.i32"] = struct.pack("<i", segment.nframes)
             if label is not None:
                 members["cls"] = str(label).encode("ascii")
@@ -165,18 +163,6 @@ def pack_source(job: tuple[dict, Source, int | None, str, int]) -> dict:
         tar.path.unlink()
     _write_json_atomic(spool_dir / f"{source.video_id}.json", record)
     return record
-
-
-def _payload_size(members: dict[str, bytes]) -> tuple[int, int]:
-    """(width, height) of a sample's payload: the first JPEG frame, or the encoded video's stream."""
-    import io
-    if "f000.jpg" in members:
-        with PIL.Image.open(io.BytesIO(members["f000.jpg"])) as image:
-            return image.size
-    data = members.get("mp4") or members["webm"]
-    with av.open(io.BytesIO(data)) as container:
-        ctx = container.streams.video[0].codec_context
-        return ctx.width, ctx.height
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:

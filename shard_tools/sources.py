@@ -38,11 +38,17 @@ class Source:
 
 @dataclass
 class Segment:
-    """One sample's payload: encoded members, frame count and where it starts in the source."""
+    """One sample's payload: encoded members, frame count, frame size, where it starts in the source."""
     index: int
     start_frame: int
     nframes: int
     members: dict[str, bytes]
+    width: int
+    height: int
+
+    @classmethod
+    def from_encoder(cls, index: int, start_frame: int, encoder: SegmentEncoder) -> "Segment":
+        return cls(index, start_frame, encoder.nframes, encoder.finish(), *encoder.size)
 
 
 def _skip(path: str, reason: str) -> dict:
@@ -152,13 +158,13 @@ def segment_frames(frames: Iterator[np.ndarray], settings: EncodeSettings, clip_
     for frame in frames:
         encoder.add(frame)
         if limit is not None and encoder.nframes == limit:
-            yield Segment(index, start, encoder.nframes, encoder.finish())
+            yield Segment.from_encoder(index, start, encoder)
             index, start, encoder = index + 1, start + limit, SegmentEncoder(settings)
     if encoder.nframes:
         if clip_frames and index > 0:
             stats["tail_frames_dropped"] = encoder.nframes
         else:
-            yield Segment(index, start, encoder.nframes, encoder.finish())
+            yield Segment.from_encoder(index, start, encoder)
 
 
 def video_segments(path: str, settings: EncodeSettings, clip_frames: int | None,
@@ -223,7 +229,7 @@ def eval_sample(folder: Path, mask_folder: Path) -> tuple[Segment, dict]:
     """An evaluation sample: the original JPEG and palette-PNG bytes, untouched.
 
     Member `fNNN.jpg` is the N-th frame, `mNNN.png` the mask of that same frame (only frames with
-    a mask have one). Returns the segment and the extra json fields (`frames`, `masks`, sizes).
+    a mask have one). Returns the segment and the extra json fields (`frames`, `masks`).
     Every image is decoded once to check it, and masks must be single-channel and frame-sized.
     """
     paths = list_frames(folder)
@@ -253,8 +259,7 @@ def eval_sample(folder: Path, mask_folder: Path) -> tuple[Segment, dict]:
             raise BadInput(f"mask {m.name} is {image.size[0]}x{image.size[1]}, frames are {size[0]}x{size[1]}")
         members[f"m{position[m.stem]:03d}.png"] = data
         mask_names.append(m.name)
-    extra = {"frames": [p.name for p in paths], "masks": mask_names, "width": size[0], "height": size[1]}
-    return Segment(0, 0, len(paths), members), extra
+    return Segment(0, 0, len(paths), members, *size), {"frames": [p.name for p in paths], "masks": mask_names}
 
 
 def _load_image(data: bytes, path: Path) -> Image.Image:

@@ -95,11 +95,12 @@ def _blob(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def render_video(seed: int, frames: int, width: int, height: int, objects: int,
-                 object_texture: str) -> tuple[np.ndarray, np.ndarray]:
+                 object_texture: str, noise: float = 0.03) -> tuple[np.ndarray, np.ndarray]:
     """Render one video: (T, H, W, 3) uint8 frames and (T, H, W) uint8 instance masks (0 = background).
 
     Objects are painted in order, so a later object occludes an earlier one; the first object
-    enters from outside the frame and the last one leaves it.
+    enters from outside the frame and the last one leaves it. `noise` is the standard deviation of
+    the per-pixel sensor noise (intensities in [0, 1]).
     """
     rng = np.random.default_rng(seed)
     colours = rng.uniform(0.15, 0.85, (3, 3))            # shared by background and objects
@@ -141,15 +142,15 @@ def render_video(seed: int, frames: int, width: int, height: int, objects: int,
             label[inside] = k
         gain = 1 + 0.18 * np.sin(2 * np.pi * t / max(frames, 1) + lighting_phase)
         tint = 1 + 0.05 * np.sin(2 * np.pi * t / max(frames, 1) + lighting_phase + np.array([0, 2, 4]))
-        canvas = canvas * gain * tint + rng.normal(0, 0.03, canvas.shape)
+        canvas = canvas * gain * tint + rng.normal(0, noise, canvas.shape)
         video[t] = np.clip(canvas * 255 + 0.5, 0, 255).astype(np.uint8)
         masks[t] = label
     return video, masks
 
 
-def write_mp4(path: Path, video: np.ndarray, fps: float) -> None:
-    """Encode (T, H, W, 3) frames as a high-quality H.264 mp4 (the 'raw' input of the pack tests)."""
-    encoder = SegmentEncoder(EncodeSettings(format="h264", fps=fps, crf=16, gop=12, preset="fast"))
+def write_mp4(path: Path, video: np.ndarray, fps: float, crf: int = 16) -> None:
+    """Encode (T, H, W, 3) frames as an H.264 mp4 (the 'raw' input of the pack tests)."""
+    encoder = SegmentEncoder(EncodeSettings(format="h264", fps=fps, crf=crf, gop=12, preset="fast"))
     for frame in video:
         encoder.add(frame)
     path.parent.mkdir(parents=True, exist_ok=True)
