@@ -109,7 +109,11 @@ def _to_rgb(frame: av.VideoFrame, rotation: int, size: tuple[int, int]) -> np.nd
     width, height = size
     if rotation in (90, 270):
         width, height = height, width
-    rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
+    if (frame.width, frame.height) != (width, height):
+        # Scaling in the decoder's pixel format (half the bytes of RGB for 4:2:0) and converting
+        # afterwards is ~1.7x faster than swscale doing both in one call.
+        frame = frame.reformat(width=width, height=height, interpolation="AREA")
+    rgb = frame.to_ndarray(format="rgb24")
     # `rotation` is the display matrix's counter-clockwise angle, np.rot90's direction too.
     return np.ascontiguousarray(np.rot90(rgb, rotation // 90)) if rotation else rgb
 
