@@ -104,24 +104,30 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint",
-                 strict: bool = True) -> list[str]:
+                 strict: bool = True, assign: bool = False) -> list[str]:
     """Load backbone weights into ``model``; resize positional embeddings to the model's grid.
 
     Extra entries (classifier heads, layers removed for testing) are skipped and returned, and
     logged with their count. Missing backbone weights raise unless ``strict`` is False.
+    ``assign`` adopts the checkpoint tensors (cast to the model's dtypes) instead of copying them,
+    for models built on the meta device; it implies ``strict``.
     """
-    state = dict(state)
+    reference = model.state_dict()
+    state = {key: value.to(reference[key].dtype) if key in reference and value.is_floating_point() else value
+             for key, value in state.items()}
     if isinstance(model, VisionTransformer) and "pos_embed" in state:
         side = math.isqrt(model.pos_embed.shape[1] - model.num_prefix_tokens)
         state["pos_embed"] = resize_pos_embed(state["pos_embed"], (side, side), model.num_prefix_tokens)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing and strict:
+    missing = sorted(set(reference) - set(state))
+    if missing and (strict or assign):
         raise ValueError(f"{source} lacks {len(missing)} weights of the model ({', '.join(missing[:5])}"
                          f"{', ...' if len(missing) > 5 else ''}): is the architecture right?")
+    unexpected = sorted(set(state) - set(reference))
+    model.load_state_dict({key: state[key] for key in state if key in reference}, strict=False, assign=assign)
     if unexpected:
         log.warning("%s: skipped %d entries that are not part of the backbone: %s%s", source, len(unexpected),
                     ", ".join(unexpected[:8]), ", ..." if len(unexpected) > 8 else "")
-    return list(unexpected)
+    return unexpected
 
 
 def load_backbone(path: str | Path, arch: str | None = None, which: str = "teacher", trust_pickle: bool = False,
@@ -142,8 +148,9 @@ def load_backbone(path: str | Path, arch: str | None = None, which: str = "teach
         kwargs = json.loads(metadata["kwargs"])
     elif arch is None:
         arch, kwargs = infer_arch(state)
-    model = build(arch, **{**kwargs, **overrides})
-    load_weights(model, state, source=str(path))
+    with torch.device("meta"):  # no random init: every weight comes from the checkpoint
+        model = build(arch, **{**kwargs, **overrides})
+    load_weights(model, state, source=str(path), assign=True)
     return model.eval()
 
 

@@ -179,7 +179,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         num_patches = (img_size // patch_size) ** 2
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + num_patches, embed_dim))
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = [drop_path * index / max(depth - 1, 1) for index in range(depth)]  # linear in depth
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, attn) for rate in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)

@@ -137,3 +137,13 @@ def test_wrong_architecture_names_the_missing_weights(tmp_path, vit_pair):
         load_backbone(path)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_backbone(tmp_path / "nope.pth")
+
+
+def test_half_precision_checkpoint_loads_as_float32(tmp_path, vit_pair):
+    path = tmp_path / "half.pth"
+    torch.save({k: v.half() for k, v in vit_pair[0].state_dict().items()}, path)
+    model = load_backbone(path)
+    tensors = list(model.state_dict().values())
+    assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)  # nothing left on meta
+    torch.testing.assert_close(model.pos_embed, vit_pair[0].pos_embed.half().float())
+    assert all(p.requires_grad for p in model.parameters())
