@@ -31,36 +31,41 @@ def standardise_and_project(features: torch.Tensor, dims: int = 50) -> torch.Ten
 
 def kmeans(x: torch.Tensor, k: int, iterations: int = 50, restarts: int = 5, seed: int = 1
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means with k-means++ seeding; the restart with the lowest inertia wins.
-    Returns (labels (N,), centroids (k, D)). Deterministic for a seed."""
+    """Lloyd's k-means with k-means++ seeding, all restarts run together as one batch; the restart with
+    the lowest inertia wins. Returns (labels (N,), centroids (k, D)). Deterministic for a seed."""
     if k > len(x):
         raise ValueError(f"k-means with k={k} needs at least k points, got {len(x)}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    best = (float("inf"), None, None)
+    x = x.float()
     squared_norms = (x * x).sum(1)
-    for _ in range(restarts):
-        centroids = x[torch.randint(len(x), (1,), generator=generator)]
-        nearest = torch.cdist(x, centroids).pow(2).squeeze(1)
-        for _ in range(1, k):  # k-means++: next centre drawn in proportion to squared distance
-            probabilities = (nearest / nearest.sum().clamp_min(1e-12)).cpu()
-            pick = torch.multinomial(probabilities, 1, generator=generator) if probabilities.sum() > 0 \
-                else torch.randint(len(x), (1,), generator=generator)
-            centroids = torch.cat([centroids, x[pick.to(x.device)]])
-            nearest = torch.minimum(nearest, torch.cdist(x, centroids[-1:]).pow(2).squeeze(1))
-        for _ in range(iterations):
-            distances = squared_norms[:, None] - 2 * x @ centroids.T + (centroids * centroids).sum(1)[None]
-            labels = distances.argmin(1)
-            sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-            counts = torch.bincount(labels, minlength=k).to(x.dtype)
-            updated = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centroids)
-            if torch.allclose(updated, centroids):
-                break
-            centroids = updated
-        distances = squared_norms[:, None] - 2 * x @ centroids.T + (centroids * centroids).sum(1)[None]
-        inertia, labels = distances.min(1)
-        if inertia.sum().item() < best[0]:
-            best = (inertia.sum().item(), labels, centroids)
-    return best[1], best[2]
+
+    def squared_distances(centroids: torch.Tensor) -> torch.Tensor:  # (R, k, D) -> (R, N, k)
+        return (squared_norms[None, :, None] - 2 * x[None] @ centroids.transpose(1, 2)
+                + (centroids * centroids).sum(2)[:, None, :]).clamp_min_(0)
+
+    picks = torch.randint(len(x), (restarts,), generator=generator).to(x.device)
+    centroids = x[picks][:, None]                                                   # (R, 1, D)
+    nearest = squared_distances(centroids)[..., 0]                                  # (R, N)
+    for _ in range(1, k):  # k-means++: next centre drawn in proportion to the squared distance
+        weights = nearest.cpu().double() + 1e-30  # (+tiny: duplicate points must not zero every weight)
+        picks = torch.multinomial(weights, 1, generator=generator)[:, 0].to(x.device)
+        centroids = torch.cat([centroids, x[picks][:, None]], dim=1)
+        nearest = torch.minimum(nearest, squared_distances(centroids[:, -1:])[..., 0])
+    offsets = (torch.arange(restarts, device=x.device) * k)[:, None]
+    for _ in range(iterations):
+        labels = squared_distances(centroids).argmin(2)                             # (R, N)
+        flat = (labels + offsets).reshape(-1)
+        sums = torch.zeros(restarts * k, x.shape[1], device=x.device).index_add_(0, flat, x.repeat(restarts, 1))
+        counts = torch.bincount(flat, minlength=restarts * k).to(x.dtype)[:, None]
+        updated = torch.where(counts > 0, sums / counts.clamp_min(1), centroids.reshape(-1, x.shape[1]))
+        updated = updated.reshape(restarts, k, -1)
+        converged = torch.allclose(updated, centroids)
+        centroids = updated
+        if converged:
+            break
+    inertia, labels = squared_distances(centroids).min(2)
+    best = int(inertia.sum(1).argmin())
+    return labels[best], centroids[best]
 
 
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_gt: int, num_pred: int) -> np.ndarray:
@@ -110,7 +115,8 @@ def miou(confusion: np.ndarray, mapping: np.ndarray | None = None) -> tuple[floa
 def cluster_miou(features: torch.Tensor, gt: np.ndarray, k: int | None = None, overclustering: bool = False,
                  pca_dims: int = 50, seed: int = 1) -> dict:
     """One evaluation unit (a frame, a clip or a dataset): per-pixel features (N, D) and labels (N,).
-    ``k`` defaults to the number of GT classes present; ``overclustering`` uses many-to-one matching."""
+    ``k`` defaults to the number of GT classes present; ``overclustering`` uses many-to-one matching;
+    ``pca_dims=0`` skips standardisation + PCA (for features already projected)."""
     gt = np.asarray(gt).ravel()
     classes = np.unique(gt[gt != IGNORE_LABEL])
     if len(classes) == 0:
@@ -118,7 +124,8 @@ def cluster_miou(features: torch.Tensor, gt: np.ndarray, k: int | None = None, o
     dense_gt = np.full_like(gt, IGNORE_LABEL, dtype=np.int64)  # GT ids -> 0..C-1 (keeps void)
     dense_gt[gt != IGNORE_LABEL] = np.searchsorted(classes, gt[gt != IGNORE_LABEL])
     k = k or len(classes)
-    labels, _ = kmeans(standardise_and_project(features, pca_dims), k, seed=seed)
+    points = standardise_and_project(features, pca_dims) if pca_dims else features.float()
+    labels, _ = kmeans(points, k, seed=seed)
     confusion = confusion_matrix(dense_gt, labels.cpu().numpy(), len(classes), k)
     mapping = many_to_one_match(confusion) if overclustering else hungarian_match(confusion)
     score, per_class = miou(confusion, mapping)

@@ -69,14 +69,15 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
     return head
 
 
-def center_crop_frames(frames: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:
-    """(T, H, W, 3) uint8 -> (T, crop, crop, 3): bicubic resize of the short side, then centre crop."""
+def center_crop_frames(frames: np.ndarray, resize: int = 256, crop: int = 224, resample=Image.BICUBIC) -> np.ndarray:
+    """(T, H, W, 3) images or (T, H, W) masks -> centre crops of side `crop` after resizing the short side
+    to `resize` (use ``Image.NEAREST`` for masks)."""
     out = []
     for frame in frames:
         image = Image.fromarray(frame)
         scale = resize / min(image.size)
         image = image.resize((max(crop, round(image.width * scale)), max(crop, round(image.height * scale))),
-                             Image.BICUBIC)
+                             resample)
         left, top = (image.width - crop) // 2, (image.height - crop) // 2
         out.append(np.asarray(image.crop((left, top, left + crop, top + crop))))
     return np.stack(out)

@@ -1,0 +1,76 @@
+"""eval/run.py end to end on the synthetic fixtures with a tiny exported ViT."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from models.io import export_backbone
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory holding only an exported random-init ViT-tiny/16 (what eval reads)."""
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("run")
+    export_backbone(models.build("vit_tiny_patch16"), run / "backbone.safetensors")
+    return run
+
+
+def run_eval(*args):
+    from eval import run
+    return run.main([str(a) for a in args])
+
+
+def test_labelprop_on_folder_and_shards_agree(run_dir, davis_dir, eval_shards, tmp_path):
+    common = ["--ckpt", run_dir, "--protocol", "crw", "--context", "4", "--device", "cpu"]
+    folder = run_eval("labelprop", *common, "--data", davis_dir, "--out", tmp_path / "a")
+    shards = run_eval("labelprop", *common, "--data", eval_shards, "--out", tmp_path / "b")
+    assert 0.0 <= folder["scores"]["J&F-Mean"] <= 1.0
+    assert folder["scores"] == shards["scores"]  # same bytes, same numbers
+    written = json.loads((tmp_path / "a" / "labelprop.json").read_text())
+    assert written["scores"]["J-Mean"] == folder["scores"]["J-Mean"]
+    assert (tmp_path / "a" / "global_results-val.csv").is_file()
+    assert len(list((tmp_path / "a" / "synth00").glob("*.png"))) == 32
+
+
+def test_clusters_frame_and_overclustering(run_dir, davis_dir, tmp_path):
+    result = run_eval("clusters", "--ckpt", run_dir, "--data", davis_dir, "--granularity", "clip",
+                      "--clip-frames", "8", "--size", "64", "--eval-size", "32", "--out", tmp_path, "--device", "cpu")
+    assert result["scores"]["units"] == 8 and 0.0 < result["scores"]["mIoU"] <= 1.0
+    over = run_eval("clusters", "--ckpt", run_dir, "--data", davis_dir, "--granularity", "dataset", "--k", "12",
+                    "--overcluster", "--size", "64", "--eval-size", "16", "--out", tmp_path, "--device", "cpu")
+    assert over["scores"]["units"] == 1 and over["scores"]["matching"].startswith("many-to-one")
+
+
+def test_knn_and_linear_on_labelled_shards(run_dir, jpeg_shards, tmp_path):
+    knn = run_eval("knn", "--ckpt", run_dir, "--data", jpeg_shards, "--frames-per-sample", "3",
+                   "--holdout-every", "2", "--out", tmp_path, "--device", "cpu")
+    assert knn["scores"]["test"] == 9 and knn["scores"]["train"] == 9
+    assert 0.0 <= knn["scores"]["top1"] <= 100.0
+    linear = run_eval("linear", "--ckpt", run_dir, "--data", jpeg_shards, "--val-data", jpeg_shards,
+                      "--epochs", "5", "--out", tmp_path, "--device", "cpu")
+    assert linear["scores"]["train"] == linear["scores"]["test"] == 6
+
+
+def test_discovery_official_protocol(run_dir, davis_dir, tmp_path):
+    unsupervised = tmp_path / "davis"
+    shutil.copytree(davis_dir, unsupervised)
+    shutil.copytree(unsupervised / "Annotations", unsupervised / "Annotations_unsupervised")
+    result = run_eval("discovery", "--ckpt", run_dir, "--data", unsupervised, "--proposals", "4",
+                      "--out", tmp_path / "out", "--device", "cpu")
+    assert result["protocol"].startswith("official")
+    assert 0.0 <= result["scores"]["J&F-Mean"] <= 1.0
+
+
+@pytest.mark.parametrize("script", ["eval/run.py", "eval/davis_metrics.py", "eval/label_prop.py",
+                                    "eval/bench_label_prop.py"])
+def test_entry_scripts_have_help(script):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "usage" in out.stdout
