@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_data import bogus_tables, corrupt_members, ramp_members, ramp_samples, truncated_header, write_dataset
+from .pipeline_data import bogus_tables, corrupt_members, ramp_members, ramp_samples, truncated_header, write_dataset
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline import DataConfig, ViewSpec, build_loader
 from pipeline.reader import SampleError
-from pipeline_data import ramp_members, write_dataset
+from .pipeline_data import ramp_members, write_dataset
 
 SPEC = ViewSpec(family="clip", frames=2, stride=1, size=16)
 

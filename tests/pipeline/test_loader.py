@@ -6,7 +6,7 @@ import torch
 
 from pipeline import DataConfig, ViewSpec, build_loader
 
-from pipeline_data import RAMP_LABELS, RAMP_NFRAMES, to_unit
+from .pipeline_data import RAMP_LABELS, RAMP_NFRAMES, to_unit
 
 SPECS = {
     "grid": ViewSpec(family="grid", frames=4, stride=2, size=64, scale=(0.8, 0.95), ratio=(0.7, 1.3),
