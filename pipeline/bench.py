@@ -340,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                     baseline = row["clips_per_s"]
                 row["speedup"] = round(row["clips_per_s"] / baseline, 2) if baseline else None
                 rows.append(row)
-                if not args.json:
-                    print(f"measured {path_name} {family} T={spec.frames}: {row['clips_per_s']} clips/s", file=sys.stderr)
+                print(f"measured {path_name} {family} T={spec.frames}: {row['clips_per_s']} clips/s", file=sys.stderr)
     print(json.dumps(rows, indent=1) if args.json else table(rows))
     return 0
 
