@@ -133,7 +133,8 @@ def pack_source(job: tuple[dict, Source, int | None, str, int]) -> dict:
         else:
             gen = (frame_folder_segments(path, enc, clip_frames, stats) if settings["kind"] == "frames"
                    else video_segments(str(path), enc, clip_frames, stats, decode_threads))
-            segments = ((s, {"eval": False, "encoder": enc.encoder_info()}) for s in gen)
+            segments = ((s, {"eval": False, "encoder": enc.encoder_info(), "source_info": stats.get("source_info")})
+                        for s in gen)
         for segment, extra in segments:
             key = sample_key(settings["name"], source.video_id, segment.index)
             members = dict(segment.members)

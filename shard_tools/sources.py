@@ -173,11 +173,11 @@ def video_segments(path: str, settings: EncodeSettings, clip_frames: int | None,
 
     Raises BadInput when the file cannot be opened or decoded, or ends more than a second (and
     10 %) before its container says it does (a truncated file); segments already yielded are
-    complete and valid.
+    complete and valid. `stats["source_info"]` gets what probing found (fps, size, rotation, codec).
     """
     info = probe_video(path)
-    stats["source_fps"], stats["source_size"] = info.fps, [info.width, info.height]
-    stats["rotation"], stats["codec"] = info.rotation, info.codec
+    stats["source_info"] = {"fps": round(info.fps, 6), "width": info.width, "height": info.height,
+                            "rotation": info.rotation, "codec": info.codec, "duration": round(info.duration, 6)}
     frames = iter_video_frames(path, settings.fps, settings.short_side, info, stats, decode_threads)
     segments = segment_frames(frames, settings, clip_frames, stats)
     pending = next(segments, None)
