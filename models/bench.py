@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.attention import xformers_works
 from models.registry import build
@@ -149,23 +150,43 @@ def time_training(model: nn.Module, forward: Callable, batch: torch.Tensor, step
     return batch.shape[0] * steps / (time.perf_counter() - start), peak_gib(device)
 
 
+class LargestTensor(TorchDispatchMode):
+    """Tracks the largest tensor any op produces (bytes): a device-independent memory witness."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.bytes = max(self.bytes, tensor.numel() * tensor.element_size())
+        return out
+
+
 def labelprop_memory(name: str, backend: str, size: tuple[int, int], device: torch.device, precision: str,
-                     attention_maps: bool) -> float | None:
-    """Peak GiB while computing one frame's features at evaluation resolution (no_grad)."""
+                     attention_maps: bool) -> dict:
+    """Memory of one frame's features at evaluation resolution (no_grad): peak GiB (CUDA only) and
+    the largest single tensor in MiB (any device)."""
     model = build(name, attn=backend).to(device).eval()
     frame = torch.randn(1, 3, *size, device=device)
     reset_memory(device)
     with torch.no_grad(), autocast(device, precision):
         model.forward_features(frame, return_attention=attention_maps)
-    synchronize(device)
-    return peak_gib(device)
+        synchronize(device)
+        peak = peak_gib(device)
+        with LargestTensor() as largest:
+            model.forward_features(frame, return_attention=attention_maps)
+    return {"model": name, "backend": backend, "attention_maps": attention_maps, "peak_gib": peak,
+            "largest_tensor_mib": largest.bytes / 2**20}
 
 
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     flops_peak = peak_flops(device, args.peak_tflops)
     rows: list[Row] = []
-    for name in args.models:
+    for name in args.models if args.variants else []:
         shape = build(name, img_size=args.img_size)
         flops = 3 * vit_forward_flops(shape.embed_dim, len(shape.blocks), shape.patch_size,
                                       args.img_size, args.img_size)  # forward + backward = 3 forwards
@@ -187,8 +208,7 @@ def run(args: argparse.Namespace) -> dict:
             if backend == "xformers" and not (device.type == "cuda" and xformers_works()):
                 continue
             for maps in (False, True):
-                memory = labelprop_memory(name, backend, tuple(args.lp_size), device, args.lp_precision, maps)
-                lp_rows.append({"model": name, "backend": backend, "attention_maps": maps, "peak_gib": memory})
+                lp_rows.append(labelprop_memory(name, backend, tuple(args.lp_size), device, args.lp_precision, maps))
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "settings": vars(args),
             "train": [asdict(row) for row in rows], "labelprop": lp_rows}
@@ -206,15 +226,17 @@ def format_tables(result: dict) -> str:
     for row in result["train"]:
         base = baseline.get(row["model"])
         ratio = row["img_per_s"] / base if base and row["img_per_s"] else None
-        lines.append(f"| {row['model']} | {row['variant']} | {number(row['img_per_s'], ',.0f')} | "
+        speed = number(row["img_per_s"], ",.0f" if (row["img_per_s"] or 0) >= 100 else ".2f")
+        lines.append(f"| {row['model']} | {row['variant']} | {speed} | "
                      f"{number(ratio, '.2f')}{'x' if ratio else ''} | {number(row['mfu'], '.1%')} | "
                      f"{number(row['peak_gib'], '.2f')}{' ' + row['note'] if row['note'] else ''} |")
     if result["labelprop"]:
         size = "x".join(map(str, result["settings"]["lp_size"]))
         lines += ["", f"Label propagation, one {size} frame, no_grad, {result['settings']['lp_precision']}:", "",
-                  "| model | backend | last-block attention maps | peak GiB |", "|---|---|---|---|"]
+                  "| model | backend | last-block attention maps | peak GiB | largest tensor MiB |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['backend']} | {'yes' if r['attention_maps'] else 'no'} | "
-                  f"{number(r['peak_gib'], '.3f')} |" for r in result["labelprop"]]
+                  f"{number(r['peak_gib'], '.3f')} | {r['largest_tensor_mib']:.1f} |" for r in result["labelprop"]]
     return "\n".join(lines)
 
 
@@ -222,9 +244,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["vit_small_patch16", "vit_base_patch16"],
                         help="registered ViT names to benchmark (default: %(default)s)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS),
                         help="impl:backend[+compile] rows; impl is ours|timm, backend eager (timm only), "
-                             "math, sdpa, auto or xformers (ours only) (default: all of %(default)s)")
+                             "math, sdpa, auto or xformers (ours only); none for memory rows only (default: all of %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per step (default: %(default)s)")
     parser.add_argument("--img-size", type=int, default=224, help="square training resolution (default: %(default)s)")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16",

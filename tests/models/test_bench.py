@@ -38,7 +38,7 @@ def test_tiny_cpu_run_covers_every_variant(tmp_path, monkeypatch):
     result = bench.main(["--models", "vit_micro", "--batch-size", "2", "--img-size", "32",
                          "--steps", "1", "--warmup", "1", "--precision", "fp32", "--device", "cpu",
                          "--compile-backend", "aot_eager", "--lp-models", "vit_micro",
-                         "--lp-size", "32", "48", "--json", str(out)])
+                         "--lp-size", "160", "160", "--json", str(out)])
     rows = {row["variant"]: row for row in result["train"]}
     assert set(rows) == set(bench.VARIANTS)
     ran = [v for v in bench.VARIANTS if "xformers" not in v]
@@ -46,6 +46,10 @@ def test_tiny_cpu_run_covers_every_variant(tmp_path, monkeypatch):
     assert all(rows[v]["note"].startswith("skipped") for v in bench.VARIANTS if "xformers" in v)
     assert [(r["backend"], r["attention_maps"]) for r in result["labelprop"]] == [
         ("math", False), ("math", True), ("auto", False), ("auto", True)]
+    attention_matrix_mib = 3 * 101 ** 2 * 4 / 2**20  # heads x tokens² float32, the largest tensor of math
+    largest = [r["largest_tensor_mib"] for r in result["labelprop"]]
+    assert largest[:2] == [pytest.approx(attention_matrix_mib)] * 2 and largest[3] == pytest.approx(attention_matrix_mib)
+    assert largest[2] < attention_matrix_mib / 1.5  # the fused path never holds a tokens x tokens matrix
     assert json.loads(out.read_text())["settings"]["batch_size"] == 2
     with pytest.raises(ValueError, match="impl:backend"):
         bench.make_variant("vit_micro", "ours:eager", 32, torch.device("cpu"))
