@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                   else contextlib.nullcontext()) as flop_counter:
                 for micro in range(cfg.optim.accum_steps):
                     t_data = time.perf_counter()
-                    batch = next(batches)
+                    # Starting a DataLoader draws from the global RNG: keep it off the training stream,
+                    # or a resumed run's drop-path / edge-dropout draws would shift by one.
+                    with torch.random.fork_rng(devices=[]):
+                        batch = next(batches)
                     data_time += time.perf_counter() - t_data
                     last_micro = micro == cfg.optim.accum_steps - 1
                     with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
