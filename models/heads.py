@@ -76,7 +76,8 @@ class DINOHead(nn.Module):
         super().__init__()
         nlayers = max(nlayers, 1)
         projector = MLP(in_dim, bottleneck_dim, hidden_dim, nlayers, act="gelu", norm="bn" if use_bn else None)
-        self.mlp = projector.mlp  # DINO's key names: mlp.0, mlp.2, ... (no wrapper level)
+        # DINO's key names: mlp.0, mlp.2, ... (no wrapper level), and plain mlp.weight for one layer.
+        self.mlp = projector.mlp if nlayers > 1 else projector.mlp[0]
         for module in self.mlp.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
