@@ -72,3 +72,15 @@ def test_shard_writer_cuts_shards_by_size_and_renames_when_complete(tmp_path):
         [f"ds-{i:06d}.tar" for i in range(3)] + [f"ds-{i:06d}.idx" for i in range(3)])
     keys = [k for r in records for k, _ in read_index(tmp_path / r.idx)]
     assert keys == [f"ds_v{i}_00000" for i in range(5)]
+
+
+def test_packed_shard_indexes_equal_dali_wds2idx(jpeg_shards, tmp_path):
+    wds2idx = pytest.importorskip("wds2idx", reason="DALI's wds2idx ships with pip install 'densevid[gpu]'")
+    from shard_tools.manifest import load_manifest
+
+    manifest = load_manifest(jpeg_shards)
+    for tar, idx in zip(manifest["tar_paths"], manifest["idx_paths"]):
+        creator = wds2idx.IndexCreator(str(tar), str(tmp_path / idx.name), verbose=False)
+        creator.create_index()
+        creator.close()
+        assert (tmp_path / idx.name).read_text() == idx.read_text()

@@ -71,3 +71,16 @@ def test_decode_error_keeps_complete_segments_before_it(tmp_path, noise_video):
     [skipped] = manifest["skipped"]
     assert skipped["path"] == "walk.mp4" and f"kept the {kept} complete segments" in skipped["reason"]
     assert sorted(sample_meta(m)[0]["segment"] for _, _, m in iter_samples(out)) == list(range(kept))
+
+
+def test_long_kind_on_the_synthetic_videos(synth_raw, tmp_path):
+    out = tmp_path / "out"
+    assert run_pack("--kind", "long", "--src", synth_raw / "videos", "--out", out, "--format", "vp9",
+                    "--clip-seconds", 0.4, "--fps", 25, "--short-side", 64) == 0
+    manifest = load_manifest(out)
+    # 32 frames per video = 3 segments of 10 + a dropped tail of 2
+    assert (manifest["samples"], manifest["frames"], manifest["tail_frames_dropped"]) == (18, 180, 12)
+    assert verify_dataset(out) == []
+    for _, _, members in iter_samples(out):
+        meta, _ = sample_meta(members)
+        assert (meta["width"], meta["height"], meta["source_info"]["width"]) == (86, 64, 128)
