@@ -31,6 +31,9 @@ EXPORT_FORMAT = "densevid-backbone-v1"
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.model.", "encoder.", "model.")
 # Constructor arguments that change how a model runs, not its weights: not written into exports.
 RUNTIME_KWARGS = ("attn", "drop_path")
+# Top-level checkpoint entries a backbone does not use: classifiers and masked-modelling tokens.
+# Any other entry the model lacks means a different architecture and is refused.
+SKIPPABLE_MODULES = {"head", "fc_norm", "fc", "mask_token"}
 # Nested dicts that hold the weights in training checkpoints.
 CHECKPOINT_KEYS = ("model", "state_dict", "model_state")
 
@@ -123,6 +126,12 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
         raise ValueError(f"{source} lacks {len(missing)} weights of the model ({', '.join(missing[:5])}"
                          f"{', ...' if len(missing) > 5 else ''}): is the architecture right?")
     unexpected = sorted(set(state) - set(reference))
+    skippable = SKIPPABLE_MODULES | set(getattr(model, "removed_modules", ()))
+    foreign = [key for key in unexpected if key.split(".")[0] not in skippable]
+    if foreign:  # e.g. DINOv2's LayerScale (blocks.N.ls1.gamma): ignoring it would change the features
+        raise ValueError(f"{source} has {len(foreign)} weights this model does not implement "
+                         f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): "
+                         "it is a different architecture; pass the matching arch=")
     model.load_state_dict({key: state[key] for key in state if key in reference}, strict=False, assign=assign)
     if unexpected:
         log.warning("%s: skipped %d entries that are not part of the backbone: %s%s", source, len(unexpected),

@@ -45,6 +45,11 @@ class CRWResNet(ResNet):
     def out_channels(self) -> int:
         return STAGE_CHANNELS[self.stages[-1]]
 
+    @property
+    def removed_modules(self) -> list[str]:
+        """Stages dropped for testing: their checkpoint weights are expected and skipped on load."""
+        return [name for name in STAGES if name not in self.stages]
+
     def remove_layers(self, names: Sequence[str]) -> None:
         """Drop trailing stages (in place); dropping a middle stage alone is refused."""
         for name in names:

@@ -27,6 +27,8 @@ def test_dino_head_options():
     assert head.last_layer.weight_g.requires_grad
     assert [type(m).__name__ for m in head.mlp] == ["Linear", "BatchNorm1d", "GELU", "Linear"]
     assert head(torch.randn(2, 3, 8)).shape == (2, 3, 10)  # leading dims folded for BatchNorm
+    single = DINOHead(8, 10, nlayers=1, bottleneck_dim=4)
+    assert list(single.state_dict())[:2] == ["mlp.weight", "mlp.bias"]  # DINO's names for one layer
     unit = DINOHead(8, 10, hidden_dim=12, bottleneck_dim=4)
     rows = unit.last_layer.weight_v / unit.last_layer.weight_v.norm(dim=1, keepdim=True)
     logits = unit(torch.randn(3, 8))

@@ -135,6 +135,10 @@ def test_wrong_architecture_names_the_missing_weights(tmp_path, vit_pair):
     torch.save(state, path)
     with pytest.raises(ValueError, match="lacks 11 weights"):
         load_backbone(path)
+    layer_scale = dict(vit_pair[0].state_dict(), **{"blocks.0.ls1.gamma": torch.ones(192)})  # DINOv2-style
+    torch.save(layer_scale, path)
+    with pytest.raises(ValueError, match=r"does not implement \(blocks.0.ls1.gamma\)"):
+        load_backbone(path)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_backbone(tmp_path / "nope.pth")
 
