@@ -151,7 +151,7 @@ def _finish(x: torch.Tensor, color: torch.Tensor, spec: ViewSpec, dtype: torch.d
         images = apply_color(images, color.reshape(-1, color.shape[-1]).to(images.device))
     mean = torch.tensor(spec.mean, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=images.device).view(1, 3, 1, 1)
-    return ((images - mean) / std).to(dtype).reshape(*lead, *x.shape[-3:])
+    return images.sub_(mean).div_(std).to(dtype).reshape(*lead, *x.shape[-3:])
 
 
 def render(frames: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec,
