@@ -82,8 +82,6 @@ class RunSection:
     """Steps between checkpoints (one is always written at the end and on SIGTERM/SIGINT)."""
     keep_checkpoints: int = 3
     """Most recent checkpoints kept on disk."""
-    compile: bool = False
-    """torch.compile the objective (GPU)."""
 
 
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelSection, "optim": OptimSection, "run": RunSection}

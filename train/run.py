@@ -121,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(param_groups(objective), lr=peak_lr, betas=cfg.optim.betas)
     model, optimizer = accelerator.prepare(objective, optimizer)
     core = accelerator.unwrap_model(model)
-    if cfg.run.compile:
-        model = torch.compile(model)
     set_seed(cfg.run.seed + rank)  # per-rank streams for in-model randomness (edge dropout, drop path)
 
     # The loader is not passed to accelerator.prepare: it shards by rank and lands on the device itself.
