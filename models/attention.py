@@ -90,17 +90,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -
     elif backend == "sdpa_cudnn_first":
         with sdpa_kernel(CUDNN_FIRST, set_priority=True):
             out = F.scaled_dot_product_attention(q, k, v)
-    elif backend == "math":
-        out = attention_probs(q, k) @ v
+    elif backend == "math":  # in the input precision, like timm's eager path
+        out = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
     else:
         raise ValueError(f"backend {backend!r} is not resolved; call resolve_backend first")
     return out.transpose(1, 2)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Exact attention maps softmax(q kᵀ / sqrt(d)) for (B, heads, N, d) inputs -> (B, heads, N, N).
+def attention_maps(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Exact attention maps softmax(q kᵀ / sqrt(d)) for (B, heads, N, d) inputs -> float32 (B, heads, N, N).
 
-    The softmax runs in float32 (then casts back), so maps read under bf16 autocast still sum to 1.
+    Computed in float32 with autocast off, so maps read under bf16 training or evaluation are the
+    exact softmax of the (rounded) queries and keys, and each row sums to 1.
     """
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    return logits.float().softmax(dim=-1).to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        logits = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
+        return logits.softmax(dim=-1)

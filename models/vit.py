@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import attention, attention_probs, check_backend, resolve_backend
+from models.attention import attention, attention_maps, check_backend, resolve_backend
 
 # name -> (embed_dim, depth, num_heads); MLP ratio 4, qkv bias, LayerNorm eps 1e-6 for all.
 VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
@@ -104,7 +104,7 @@ class Attention(nn.Module):
 
     def forward_with_maps(self, x: torch.Tensor, return_attention: bool, return_keys: bool
                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Like ``forward`` and also the exact maps (B, heads, N, N) and keys (B, heads, N, d).
+        """Like ``forward`` and also the exact float32 maps (B, heads, N, N) and keys (B, heads, N, d).
 
         Only asking for maps materialises the N x N matrix; keys alone keep the fast kernel.
         """
@@ -113,8 +113,8 @@ class Attention(nn.Module):
         if not return_attention:
             out = attention(q, k, v, resolve_backend(self.backend, x.device))
             return self.proj(out.flatten(2)), None, keys
-        probs = attention_probs(q.transpose(1, 2), k.transpose(1, 2))
-        out = (probs @ v.transpose(1, 2)).transpose(1, 2)
+        probs = attention_maps(q.transpose(1, 2), k.transpose(1, 2))
+        out = (probs.to(v.dtype) @ v.transpose(1, 2)).transpose(1, 2)
         return self.proj(out.flatten(2)), probs, keys
 
 

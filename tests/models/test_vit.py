@@ -67,6 +67,12 @@ def test_attention_maps_and_keys_equal_explicit_softmax():
     torch.testing.assert_close(out["keys"], k)
     # The exact path and the fast path compute the same features.
     torch.testing.assert_close(out["patches"], vit.forward_features(x)["patches"], atol=1e-5, rtol=1e-4)
+    # Under bf16 autocast the maps are still a float32 softmax (rows sum to 1 far below bf16 rounding).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = vit.forward_features(x, return_attention=True, return_keys=True)
+    assert low["attention"].dtype == torch.float32 and low["keys"].dtype == torch.bfloat16
+    torch.testing.assert_close(low["attention"].sum(-1), torch.ones(2, 3, 9), atol=1e-6, rtol=0)
+    torch.testing.assert_close(low["attention"], out["attention"], atol=2e-2, rtol=0)
 
 
 def test_norm_flag_and_intermediate_layers_agree():
