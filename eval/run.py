@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from eval import clustering, davis_metrics, discovery, knn_linear, label_prop
-from eval.davis_io import open_sequences, write_mask
+from eval import clustering, davis_metrics, discovery, knn_linear, label_prop, visualize
+from eval.davis_io import open_sequences, read_mask, write_mask
 from eval.features import dense_feature_fn, feature_stride, global_descriptor, load_backbone
 
 
@@ -45,6 +45,12 @@ def run_labelprop(args, backbone, device) -> dict:
                                             feature_stride(backbone), cfg, args.out, device, args.batch)
     scores = davis_metrics.evaluate_sequences(sequences, args.out)
     davis_metrics.write_csvs(scores, args.out, args.set)
+    if args.visualize:
+        for sequence in sequences:
+            frames = [sequence.frame(i) for i in range(len(sequence.frames))]
+            masks = [read_mask(Path(args.out) / sequence.name / f"{stem}.png") for stem in sequence.frame_stems]
+            visualize.save_png(Path(args.out) / "vis" / f"{sequence.name}.png", visualize.overlay_strip(frames, masks))
+            visualize.save_gif(Path(args.out) / "vis" / f"{sequence.name}.gif", frames, masks)
     table = davis_metrics.global_table(scores)
     print(davis_metrics.format_table([table], davis_metrics.GLOBAL_COLUMNS))
     print(f"{timing['frames']} frames at {timing['frames_per_second']:.2f} frames/s (protocol {args.protocol})")
@@ -169,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("labelprop", parents=[common], formatter_class=defaults,
                             help="semi-supervised label propagation + DAVIS J&F (--data: DAVIS folder or eval shards)")
     p.add_argument("--set", default="val", help="DAVIS subset (ImageSets/2017/<set>.txt)")
+    p.add_argument("--visualize", action="store_true", help="also write <out>/vis/<sequence>.png (strip) and .gif")
     label_prop.add_propagation_args(p)
 
     p = commands.add_parser("clusters", parents=[common], formatter_class=defaults,

@@ -30,7 +30,7 @@ def run_eval(*args):
 
 def test_labelprop_on_folder_and_shards_agree(run_dir, davis_dir, eval_shards, tmp_path):
     common = ["--ckpt", run_dir, "--protocol", "crw", "--context", "4", "--device", "cpu"]
-    folder = run_eval("labelprop", *common, "--data", davis_dir, "--out", tmp_path / "a")
+    folder = run_eval("labelprop", *common, "--data", davis_dir, "--out", tmp_path / "a", "--visualize")
     shards = run_eval("labelprop", *common, "--data", eval_shards, "--out", tmp_path / "b")
     assert 0.0 <= folder["scores"]["J&F-Mean"] <= 1.0
     assert folder["scores"] == shards["scores"]  # same bytes, same numbers
@@ -38,6 +38,7 @@ def test_labelprop_on_folder_and_shards_agree(run_dir, davis_dir, eval_shards, t
     assert written["scores"]["J-Mean"] == folder["scores"]["J-Mean"]
     assert (tmp_path / "a" / "global_results-val.csv").is_file()
     assert len(list((tmp_path / "a" / "synth00").glob("*.png"))) == 32
+    assert (tmp_path / "a" / "vis" / "synth00.gif").is_file()
 
 
 def test_clusters_frame_and_overclustering(run_dir, davis_dir, tmp_path):
