@@ -27,7 +27,7 @@ from models.vit import VIT_SIZES, VisionTransformer, resize_pos_embed
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "densevid-backbone-v1"
-# Wrappers that prefix backbone keys: DDP, DINO's MultiCropWrapper, SMTC/CRW encoders, torch.compile.
+# Wrappers that prefix backbone keys: DDP, torch.compile, DINO's MultiCropWrapper, SMTC/CRW encoders.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.model.", "encoder.", "model.")
 # Constructor arguments that change how a model runs, not its weights: not written into exports.
 RUNTIME_KWARGS = ("attn", "drop_path")
@@ -79,7 +79,8 @@ def backbone_state_dict(checkpoint: dict, which: str = "teacher") -> tuple[dict[
                 break
     tensors = {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
     ignored += [key for key in state if key not in tensors]
-    for prefix in WRAPPER_PREFIXES:  # in order: outer wrappers first
+    # In order, outer wrappers first; "teacher."/"student." are flat training states (our objectives).
+    for prefix in (*WRAPPER_PREFIXES[:2], f"{which}.", *WRAPPER_PREFIXES[2:]):
         if any(key.startswith(prefix) for key in tensors):
             ignored += [key for key in tensors if not key.startswith(prefix)]
             tensors = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}

@@ -55,6 +55,15 @@ def test_dino_training_checkpoint_loads_teacher_or_student(tmp_path, vit_pair):
     assert_same_weights(load_backbone(path), teacher)                   # arch inferred, teacher by default
     assert_same_weights(load_backbone(path, which="student"), student)
     assert_same_weights(load_backbone(path, arch="vit_tiny_patch16", attn="math"), teacher)
+    # A flat objective state (as accelerate saves densevid's DINO objective) in safetensors.
+    from safetensors.torch import save_file
+
+    flat = {**{f"student.{k}": v for k, v in student.state_dict().items()},
+            **{f"teacher.{k}": v for k, v in teacher.state_dict().items()},
+            **{f"teacher_head.{k}": v for k, v in head.state_dict().items()}, "center": torch.zeros(1, 64)}
+    save_file(flat, tmp_path / "model.safetensors")
+    assert_same_weights(load_backbone(tmp_path / "model.safetensors"), teacher)
+    assert_same_weights(load_backbone(tmp_path / "model.safetensors", which="student"), student)
 
 
 def test_pickled_code_runs_only_with_trust_flag(tmp_path, vit_pair):
