@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import pickle
 import re
 from pathlib import Path
 
@@ -48,17 +49,24 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[dict,
 
         with safe_open(str(path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
-    if trust_pickle:
-        return torch.load(path, map_location="cpu", weights_only=False), {}
     try:
-        # argparse.Namespace is plain data; DINO stores its arguments as one in every checkpoint.
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True), {}
-    except Exception as error:  # torch raises UnpicklingError with the offending global in the text
+        if trust_pickle:
+            contents = torch.load(path, map_location="cpu", weights_only=False)
+        else:  # argparse.Namespace is plain data; DINO stores its arguments as one in every checkpoint
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                contents = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only met a global it may not build
         raise RuntimeError(
             f"{path} holds pickled Python objects beyond tensors ({str(error).splitlines()[0]}). "
             "Loading them can run arbitrary code: if you trust this file, pass trust_pickle=True "
             "(--trust-pickle on the command line)") from error
+    except Exception as error:  # truncated download, not a torch file, ...
+        raise RuntimeError(f"{path} is not a readable torch checkpoint: {error}") from error
+    if isinstance(contents, nn.Module):  # a whole pickled model (only possible with trust_pickle)
+        contents = contents.state_dict()
+    if not isinstance(contents, dict):
+        raise RuntimeError(f"{path} holds a {type(contents).__name__}, not a state dict or checkpoint dict")
+    return contents, {}
 
 
 def backbone_state_dict(checkpoint: dict, which: str = "teacher") -> tuple[dict[str, torch.Tensor], list[str]]:

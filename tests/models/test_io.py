@@ -148,6 +148,9 @@ def test_wrong_architecture_names_the_missing_weights(tmp_path, vit_pair):
     torch.save(layer_scale, path)
     with pytest.raises(ValueError, match=r"does not implement \(blocks.0.ls1.gamma\)"):
         load_backbone(path)
+    (tmp_path / "truncated.pth").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="truncated.pth is not a readable torch checkpoint"):
+        load_backbone(tmp_path / "truncated.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_backbone(tmp_path / "nope.pth")
 
