@@ -184,3 +184,28 @@ def test_unsupervised_matching_is_one_per_sequence():
     assert np.allclose(scores.j, 1.0) and np.allclose(scores.f, 1.0)
     with pytest.raises(ValueError, match="at most 20"):
         dm.score_unsupervised("seq", gt, np.full_like(gt, 21))
+
+
+def test_matches_official_toolkit_when_available():
+    """Cross-check against davisvideochallenge/davis2017-evaluation's own metrics.py, loaded by path from
+    a checkout named by $DAVIS2017_EVALUATION (needs opencv and scikit-image; skipped otherwise)."""
+    import importlib.util
+    import os
+
+    checkout = os.environ.get("DAVIS2017_EVALUATION")
+    if not checkout:
+        pytest.skip("set DAVIS2017_EVALUATION to a davis2017-evaluation checkout to cross-check")
+    pytest.importorskip("cv2")
+    pytest.importorskip("skimage")
+    spec = importlib.util.spec_from_file_location("davis_toolkit_metrics", f"{checkout}/davis2017/metrics.py")
+    toolkit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toolkit)
+    if not hasattr(np, "bool"):
+        np.bool = bool  # the toolkit still spells numpy's removed alias
+    rng = np.random.default_rng(5)
+    gts = ndimage.gaussian_filter(rng.random((4, 120, 200)), (0, 6, 6)) > 0.5
+    preds = ndimage.gaussian_filter(rng.random((4, 120, 200)), (0, 6, 6)) > 0.5
+    preds[1] = False
+    gts[2] = False
+    assert dm.region_similarity(gts, preds) == pytest.approx(toolkit.db_eval_iou(gts, preds))
+    assert dm.boundary_f_measure(gts, preds) == pytest.approx(toolkit.db_eval_boundary(gts, preds))
