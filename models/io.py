@@ -188,6 +188,8 @@ def export_backbone(model: nn.Module, path: str | Path, arch: str | None = None,
             raise ValueError("the model was not made by models.build: pass arch= and its kwargs")
         arch, recorded = model.build_spec
         kwargs = {**{k: v for k, v in recorded.items() if k not in RUNTIME_KWARGS}, **kwargs}
+    if getattr(model, "removed_modules", None):  # stages dropped after build (CRW's test-time encoder)
+        kwargs["remove_layers"] = list(model.removed_modules)
     state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")

@@ -131,6 +131,11 @@ def test_crw_checkpoint_and_test_time_layer_removal(tmp_path):
     torch.save(checkpoint, path)
     assert_same_weights(load_backbone(path), encoder)
     test_time = load_backbone(path, remove_layers=["layer4"])
+    encoder_copy = models.build("resnet18_crw")
+    encoder_copy.load_state_dict(encoder.state_dict())
+    encoder_copy.remove_layers(["layer4"])  # after build: the export must still record it
+    exported = load_backbone(export_backbone(encoder_copy, tmp_path / "crw.safetensors"))
+    assert exported.out_channels == 256 and exported.state_dict().keys() == test_time.state_dict().keys()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(test_time(x), encoder.layer3(encoder.layer2(encoder.layer1(
