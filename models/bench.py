@@ -147,7 +147,9 @@ def time_training(model: nn.Module, forward: Callable, batch: torch.Tensor, step
             loss = forward(batch).float().mean()
         loss.backward()
     synchronize(device)
-    return batch.shape[0] * steps / (time.perf_counter() - start), peak_gib(device)
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)  # leave nothing behind that the next row's peak would count
+    return batch.shape[0] * steps / seconds, peak_gib(device)
 
 
 class LargestTensor(TorchDispatchMode):
@@ -201,6 +203,7 @@ def run(args: argparse.Namespace) -> dict:
             mfu = img_per_s * flops / flops_peak if flops_peak else None
             rows.append(Row(name, variant, args.batch_size, img_per_s, mfu, memory))
             del made, batch
+            torch._dynamo.reset()  # compiled graphs hold on to their model
             print(f"{name:20s} {variant:24s} {img_per_s:10.1f} img/s", flush=True)
     lp_rows = []
     for name in args.lp_models:
