@@ -161,3 +161,14 @@ def test_two_process_gloo_run_reads_disjoint_data_and_keeps_ranks_identical(jpeg
     cfg.data.device = "cpu"
     first = [{int(i) for i in next(iter(build_loader(cfg.data, views, r, 2)))["sample"]} for r in (0, 1)]
     assert len(first[0]) == len(first[1]) == 2 and first[0].isdisjoint(first[1])
+
+
+@pytest.mark.gpu
+def test_dino_on_gpu_runs_in_bf16_and_reports_memory(jpeg_shards, tmp_path):
+    out = tmp_path / "gpu"
+    args = [a for a in argv("dino", jpeg_shards, out, 3, "--report") if a != "--cpu"]
+    assert run.main(args) == 0
+    report = json.loads((out / "throughput.json").read_text())
+    assert report["device"].startswith("cuda") and report["peak_memory_gib"] > 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
