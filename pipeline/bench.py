@@ -12,8 +12,9 @@ Paths, on the same shards and the same views:
             the table says which) and building the same views with torchvision.transforms.v2
 
 Reported per row: clips/s, frames/s (clips x T), CPU % (this process and its worker processes, of
-one core: 1600 % = 16 busy cores), GPU %, NVDEC % and NVJPG % (pynvml or nvidia-smi when present),
-and the speed-up over the baseline row of the same family. Families use the objectives' defaults:
+one core: 1600 % = 16 busy cores), CPU milliseconds per clip (the work, independent of how many cores
+the machine lends: the number to compare on a shared machine), GPU %, NVDEC % and NVJPG % (pynvml or
+nvidia-smi when present), and the speed-up in clips/s over the baseline row of the same family. Families use the objectives' defaults:
 multicrop = DINO 2 x 224 + 10 x 96 (T = 8 at stride 4; --frames 1 for image mode), grid = CRW 256 px,
 7 x 7 patches of 64 (T = 4), clip = TimeT/SMTC 224 (T = 8).
 """
@@ -155,7 +156,8 @@ def measure(batches, steps: int, warmup: int, clips_per_batch: int, frames: int,
     cpu = process_tree_cpu_seconds() - cpu0
     clips = steps * clips_per_batch
     return {"clips_per_s": round(clips / wall, 1), "frames_per_s": round(clips * frames / wall, 1),
-            "cpu_pct": round(100 * cpu / wall), **monitor.means(), "seconds": round(wall, 2)}
+            "cpu_pct": round(100 * cpu / wall), "cpu_ms_per_clip": round(1000 * cpu / clips, 1),
+            **monitor.means(), "seconds": round(wall, 2)}
 
 
 # ---- the loader a user would otherwise write -----------------------------------------------------
@@ -282,8 +284,8 @@ def synth_dataset(size: str, videos: int, fmt: str, out: Path) -> Path:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["path", "family", "T", "batch", "clips_per_s", "frames_per_s", "cpu_pct", "gpu_pct", "nvdec_pct",
-            "nvjpg_pct", "speedup", "decoder"]
+    cols = ["path", "family", "T", "batch", "clips_per_s", "frames_per_s", "cpu_pct", "cpu_ms_per_clip", "gpu_pct",
+            "nvdec_pct", "nvjpg_pct", "speedup", "decoder"]
     cells = [[("-" if r.get(c) is None else str(r[c])) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]

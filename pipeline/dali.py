@@ -115,7 +115,10 @@ def dali_batches(source: ClipSource, cfg: DataConfig, start: int) -> Iterator[tu
     for step in itertools.count():
         try:
             (out,) = next(batches)
-        except RuntimeError as err:
+        except StopIteration:
+            raise
+        except Exception as err:  # DALI re-raises worker and operator failures as bare Exception / RuntimeError
+            # re-planning the batch here raises the SampleError (shard and key) of a damaged sample
             raise RuntimeError(_decode_failure(source, start + step * cfg.batch_size, cfg)) from err
         frames = out["frames"].to(cfg.device, non_blocking=True)
         frames = frames.reshape(-1, *frames.shape[-3:])

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from pipeline import DataConfig, ViewSpec, build_loader
+from pipeline.reader import SampleError
+from .pipeline_data import ramp_members, write_dataset
 
 pytestmark = pytest.mark.dali
 
@@ -49,3 +51,11 @@ def test_dali_skips_bad_headers_and_names_undecodable_samples(corrupt_shards):
     # a structurally valid JPEG with corrupt tables stops nvJPEG: the error names the candidates
     with pytest.raises(RuntimeError, match="bad_tables_00000"):
         _batches(corrupt_shards, "dali", n=3, spec=spec, batch_size=7)
+
+
+def test_dali_missing_component_names_shard_and_key(tmp_path):
+    gap = ramp_members(6, 0)
+    del gap["f002.jpg"]
+    path = write_dataset(tmp_path / "gap", [("ok_v0_00000", ramp_members(6, 0), 6), ("gap_00000", gap, 6)])
+    with pytest.raises(SampleError, match=r"gap_00000 has no 'f002.jpg' member"):
+        _batches(path, "dali", n=1, spec=ViewSpec(family="clip", frames=6, size=8), batch_size=2)
