@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                     + (f"resumed from {resume_from}" if resume_from else "fresh start"))
     throughput = Throughput(global_batch, skip_steps=min(10, max(total - start, 1) // 5))
     flops_per_step = None
-    window: dict[str, torch.Tensor] = {}
-    step = start
+    window: dict[str, torch.Tensor] = {}  # sums of the logged scalars since the last record
+    window_steps, step, t_start = 0, start, time.perf_counter()
     with GracefulStop() as stop:
         while step < total:
             t_step = time.perf_counter()
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             wd = cosine_schedule(step, cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
             set_lr_wd(optimizer, lr, wd)
             scheduled = core.begin_step(step)
-            data_time = 0.0
+            data_time, step_loss = 0.0, 0.0
             counting = args.report and flops_per_step is None
             with (FlopCounterMode(display=False) if counting
                   else contextlib.nullcontext()) as flop_counter:
@@ -163,20 +163,22 @@ def main(argv: list[str] | None = None) -> int:
                     with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                         loss, logs = model(batch)
                         accelerator.backward(loss / cfg.optim.accum_steps)
+                    step_loss = step_loss + loss.detach() / cfg.optim.accum_steps
             if counting:
                 flops_per_step = flop_counter.get_total_flops()
             core.before_optimizer_step(step)
             grad_norm = clip_gradients_(core.parameters(), cfg.optim.clip_grad, cfg.optim.clip_mode)
 
             # One small all-reduce per step: every rank learns of a non-finite value or a stop signal.
-            local = torch.stack([~(torch.isfinite(loss) & torch.isfinite(grad_norm)),
-                                 torch.tensor(stop.requested is not None, device=loss.device)]).float()
+            local = torch.stack([~(torch.isfinite(step_loss) & torch.isfinite(grad_norm)),
+                                 torch.tensor(stop.requested is not None, device=step_loss.device)]).float()
             either = accelerator.reduce(local.clone(), "max")
             (bad_here, _), (nonfinite, stopping) = (torch.stack([local, either]) > 0).tolist()
             if bad_here:
-                dump = dump_nonfinite_batch(run_dir, rank, step, batch, {"loss": loss, "grad_norm": grad_norm, **logs})
+                dump = dump_nonfinite_batch(run_dir, rank, step, batch, {"loss": step_loss, "grad_norm": grad_norm,
+                                                                         **logs})
                 samples = [loader.dataset.where(int(i)) for i in batch["sample"]] if "sample" in batch else []
-                print(f"rank {rank}: non-finite loss or gradient at step {step} (loss {loss.item():.4g}, grad norm "
+                print(f"rank {rank}: non-finite loss or gradient at step {step} (loss {step_loss.item():.4g}, grad norm "
                       f"{grad_norm.item():.4g}); batch {samples} saved to {dump}. The last good checkpoint is "
                       f"kept; lower optim.lr, raise optim.warmup_epochs or use --run.precision fp32, "
                       f"then continue with --resume auto.", file=sys.stderr)
@@ -190,17 +192,19 @@ def main(argv: list[str] | None = None) -> int:
             throughput.add(time.perf_counter() - t_step, data_time)
             telemetry.step()
 
-            for key, value in {"loss": loss.detach(), "grad_norm": grad_norm, **logs}.items():
+            for key, value in {"loss": step_loss, "grad_norm": grad_norm, **logs}.items():
                 window[key] = window.get(key, 0.0) + value.detach().float()
+            window_steps += 1
             if step % cfg.run.log_every == 0 or step == total or stopping:
                 names = list(window)
                 means = accelerator.reduce(torch.stack([window[k] for k in names]), "mean")
-                count = (step - 1) % cfg.run.log_every + 1
-                scalars = {k: v / count for k, v in zip(names, means.tolist())}
+                scalars = {k: v / window_steps for k, v in zip(names, means.tolist())}
                 scalars.update(lr=lr, wd=wd, epoch=step / steps_per_epoch, **scheduled, **throughput.window(),
-                               memory_gib=peak_memory_gib(accelerator.device))
+                               memory_gib=peak_memory_gib(accelerator.device),
+                               skipped_samples=sum(loader.skipped.values()))
                 telemetry.log(step, scalars)
                 window.clear()
+                window_steps = 0
             if step % cfg.run.ckpt_every == 0 or step == total or stopping:
                 save_checkpoint(accelerator, core, run_dir, step, {"step": step, "loader": loader.state_dict()},
                                 cfg.run.keep_checkpoints)
@@ -211,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                                 "continue with --resume auto")
                 break
 
+    telemetry.print(f"{step - start} steps in {time.perf_counter() - t_start:.0f} s; backbone: "
+                    f"{run_dir / 'backbone.safetensors'}")
+    if loader.skipped:  # unreadable samples were replaced by others; say which, never silently
+        print(f"rank {rank} skipped {sum(loader.skipped.values())} unreadable sample(s): "
+              + ", ".join(f"{where} x{n}" for where, n in loader.skipped.most_common(10)), file=sys.stderr)
     if args.report:
         write_report(run_dir, accelerator, throughput, flops_per_step, args.peak_tflops, telemetry)
     telemetry.close()
