@@ -62,9 +62,11 @@ def tolerance_radius(height: int, width: int, bound_th: float = BOUNDARY_THRESHO
 def region_similarity(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None) -> np.ndarray:
     """J per frame for binary masks (..., H, W); 1 where both masks are empty."""
     gt, pred = gt.astype(bool), pred.astype(bool)
-    keep = np.ones_like(gt) if void is None else ~void.astype(bool)
-    inter = (gt & pred & keep).sum(axis=(-2, -1))
-    union = ((gt | pred) & keep).sum(axis=(-2, -1))
+    inter, union = gt & pred, gt | pred
+    if void is not None:
+        keep = ~void.astype(bool)
+        inter, union = inter & keep, union & keep
+    inter, union = np.count_nonzero(inter, axis=(-2, -1)), np.count_nonzero(union, axis=(-2, -1))
     return np.where(union == 0, 1.0, inter / np.maximum(union, 1))
 
 
@@ -89,16 +91,19 @@ def _matched_counts(a: np.ndarray, b: np.ndarray, radius: float) -> tuple[np.nda
 
 
 def boundary_f_measure(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None,
-                       bound_th: float = BOUNDARY_THRESHOLD) -> np.ndarray:
-    """F per frame for binary masks (T, H, W) or (H, W)."""
+                       bound_th: float = BOUNDARY_THRESHOLD, image_size: tuple[int, int] | None = None
+                       ) -> np.ndarray:
+    """F per frame for binary masks (T, H, W) or (H, W). ``image_size`` is the full frame size when the
+    masks are a crop of it (the tolerance radius comes from the full diagonal)."""
     if gt.ndim == 2:
-        return boundary_f_measure(gt[None], pred[None], None if void is None else void[None], bound_th)[0]
+        return boundary_f_measure(gt[None], pred[None], None if void is None else void[None], bound_th,
+                                  image_size)[0]
     if void is not None:  # the toolkit takes boundaries of the masks with void pixels removed
         gt, pred = gt.astype(bool) & ~void.astype(bool), pred.astype(bool) & ~void.astype(bool)
-    radius = tolerance_radius(*gt.shape[-2:], bound_th)
+    radius = tolerance_radius(*(image_size or gt.shape[-2:]), bound_th)
     gt_boundary, pred_boundary = boundary_map(gt), boundary_map(pred)
-    n_pred = pred_boundary.sum(axis=(-2, -1))
-    n_gt = gt_boundary.sum(axis=(-2, -1))
+    n_pred = np.count_nonzero(pred_boundary, axis=(-2, -1))
+    n_gt = np.count_nonzero(gt_boundary, axis=(-2, -1))
     pred_matched, gt_matched = _matched_counts(pred_boundary, gt_boundary, radius)
     precision = np.where(n_pred == 0, 1.0, pred_matched / np.maximum(n_pred, 1))
     recall = np.where(n_gt == 0, 1.0, gt_matched / np.maximum(n_gt, 1))
@@ -108,6 +113,22 @@ def boundary_f_measure(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None
     total = precision + recall
     f = np.where(total == 0, 0.0, 2 * precision * recall / np.where(total == 0, 1, total))
     return f
+
+
+def score_pair(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None,
+               bound_th: float = BOUNDARY_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+    """J and F per frame of one object's (T, H, W) masks, computed on the crop holding both masks plus a
+    one-pixel margin. Exact: outside it both masks are empty, so no boundary and no overlap lives there
+    (the margin keeps each boundary pixel's east/south neighbours), and the radius uses the full size."""
+    rows = np.flatnonzero(np.any(gt | pred, axis=(0, 2)))
+    cols = np.flatnonzero(np.any(gt | pred, axis=(0, 1)))
+    if len(rows) == 0:  # both empty in every frame
+        return np.ones(len(gt)), np.ones(len(gt))
+    size = gt.shape[-2:]
+    window = (slice(None), slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(cols[0] - 1, 0), cols[-1] + 2))
+    gt, pred = gt[window], pred[window]
+    void = None if void is None else void[window]
+    return region_similarity(gt, pred, void), boundary_f_measure(gt, pred, void, bound_th, size)
 
 
 def object_statistics(values: np.ndarray) -> tuple[float, float, float]:
@@ -155,9 +176,7 @@ def score_semisupervised(name: str, gt_labels: np.ndarray, pred_labels: np.ndarr
     j = np.zeros((num_objects, len(gt_labels)))
     f = np.zeros_like(j)
     for o in range(num_objects):  # objects one at a time keeps memory at one (T, H, W) stack
-        gt_o, pred_o = gt_labels == o + 1, pred_labels == o + 1
-        j[o] = region_similarity(gt_o, pred_o)
-        f[o] = boundary_f_measure(gt_o, pred_o)
+        j[o], f[o] = score_pair(gt_labels == o + 1, pred_labels == o + 1)
     return SequenceScores(name, j, f)
 
 
@@ -170,9 +189,7 @@ def pairwise_scores(gt_labels: np.ndarray, pred_labels: np.ndarray, num_gt: int,
     for g in range(num_gt):
         gt_g = gt_labels == g + 1
         for p in range(num_proposals):
-            pred_p = pred_labels == p + 1
-            j[p, g] = region_similarity(gt_g, pred_p, void)
-            f[p, g] = boundary_f_measure(gt_g, pred_p, void)
+            j[p, g], f[p, g] = score_pair(gt_g, pred_labels == p + 1, void)
     return j, f
 
 

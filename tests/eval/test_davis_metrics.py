@@ -209,3 +209,20 @@ def test_matches_official_toolkit_when_available():
     gts[2] = False
     assert dm.region_similarity(gts, preds) == pytest.approx(toolkit.db_eval_iou(gts, preds))
     assert dm.boundary_f_measure(gts, preds) == pytest.approx(toolkit.db_eval_boundary(gts, preds))
+
+
+def test_cropped_pair_scoring_equals_full_frame():
+    rng = np.random.default_rng(7)
+    gt = np.zeros((5, 60, 80), bool)
+    pred = np.zeros_like(gt)
+    gt[:, 10:30, 20:45] = True
+    pred[:, 12:33, 18:44] = True
+    gt[3, 50:60, 70:80] = True           # touches the bottom-right image corner
+    pred[4] = False                      # missed object in one frame
+    void = rng.random(gt.shape) > 0.97
+    for v in (None, void):
+        j, f = dm.score_pair(gt, pred, v)
+        assert j == pytest.approx(dm.region_similarity(gt, pred, v))
+        assert f == pytest.approx(dm.boundary_f_measure(gt, pred, v))
+    empty = np.zeros_like(gt)
+    assert [x.tolist() for x in dm.score_pair(empty, empty)] == [[1.0] * 5, [1.0] * 5]
