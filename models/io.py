@@ -31,7 +31,7 @@ EXPORT_FORMAT = "densevid-backbone-v1"
 # Wrappers that prefix backbone keys: DDP, torch.compile, DINO's MultiCropWrapper, SMTC/CRW encoders.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.model.", "encoder.", "model.")
 # Constructor arguments that change how a model runs, not its weights: not written into exports.
-RUNTIME_KWARGS = ("attn", "drop_path")
+RUNTIME_KWARGS = ("attn", "drop_path", "grad_checkpointing")
 # Top-level checkpoint entries a backbone does not use: classifiers and masked-modelling tokens.
 # Any other entry the model lacks means a different architecture and is refused.
 SKIPPABLE_MODULES = {"head", "fc_norm", "fc", "mask_token"}

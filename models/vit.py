@@ -164,17 +164,20 @@ class VisionTransformer(nn.Module):
         drop_path: stochastic-depth rate of the last block, rising linearly from 0 in block 0.
         attn: attention kernel, ``"auto" | "xformers" | "sdpa" | "math"``.
         class_token: prepend a learned CLS token (False for SelfPatch's CaiT-style backbone).
+        grad_checkpointing: recompute each block in the backward pass instead of storing its
+            activations (training memory for compute; also settable later as an attribute).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, attn: str = "auto", class_token: bool = True):
+                 drop_path: float = 0.0, attn: str = "auto", class_token: bool = True,
+                 grad_checkpointing: bool = False):
         super().__init__()
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.num_prefix_tokens = 1 if class_token else 0
-        self.grad_checkpointing = False
+        self.grad_checkpointing = grad_checkpointing
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         num_patches = (img_size // patch_size) ** 2

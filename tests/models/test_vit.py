@@ -136,8 +136,7 @@ def test_gradient_checkpointing_matches_plain_backward():
     x = torch.randn(2, 3, 32, 32)
     grads = []
     for flag in (False, True):
-        vit = tiny_vit().train()
-        vit.grad_checkpointing = flag
+        vit = tiny_vit(grad_checkpointing=flag).train()
         vit.forward_features(x)["patches"].sum().backward()
         grads.append(vit.blocks[0].attn.qkv.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
