@@ -135,11 +135,17 @@ def test_drop_path_drops_whole_samples_and_rescales():
 def test_gradient_checkpointing_matches_plain_backward():
     x = torch.randn(2, 3, 32, 32)
     grads = []
+    saved = []
     for flag in (False, True):
         vit = tiny_vit(grad_checkpointing=flag).train()
-        vit.forward_features(x)["patches"].sum().backward()
+        stored = []  # every tensor autograd keeps for the backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: stored.append(t) or t, lambda t: t):
+            out = vit.forward_features(x)["patches"]
+        out.sum().backward()
         grads.append(vit.blocks[0].attn.qkv.weight.grad)
+        saved.append(len(stored))
     torch.testing.assert_close(grads[0], grads[1])
+    assert saved[1] < saved[0] / 3  # checkpointed blocks keep only their inputs for the backward
 
 
 def test_state_dict_runs_in_timm_vision_transformer():
