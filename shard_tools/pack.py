@@ -195,7 +195,10 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> dict | None:
 
 
 def _class_ids(sources: list[Source]) -> dict[str, int] | None:
-    names = sorted({s.label for s in sources if s.label is not None})
+    """Label name -> id, in sorted name order; numeric names sort as numbers ("2" before "10"), so
+    labels that already are ids 0..K-1 keep their values."""
+    names = {s.label for s in sources if s.label is not None}
+    names = sorted(names, key=int) if all(n.isdigit() for n in names) else sorted(names)
     return {name: i for i, name in enumerate(names)} if names else None
 
 

@@ -113,3 +113,15 @@ def test_samples_are_shuffled_across_shards_by_seed(tmp_path, grey_video):
     assert sorted(orders[0]) == sorted(orders[1]) and len(set(orders[0])) == 8
     assert orders[0] != orders[1] and orders[0] != sorted(orders[0])
     assert json.loads((tmp_path / "s0" / "manifest.json").read_text())["settings"]["seed"] == 0
+
+
+def test_numeric_labels_keep_their_values(tmp_path, grey_video):
+    for name in ("a", "b", "c"):
+        grey_video(tmp_path / "src" / f"{name}.mp4", frames=2, width=16, height=16)
+    (tmp_path / "labels.csv").write_text("a.mp4,2\nb.mp4,10\nc.mp4,0\n")
+    out = tmp_path / "out"
+    assert run_pack("--kind", "videos", "--src", tmp_path / "src", "--out", out, "--labels",
+                    tmp_path / "labels.csv", "--short-side", 0) == 0
+    assert load_manifest(out)["classes"] == {"0": 0, "2": 1, "10": 2}
+    assert {sample_meta(m)[0]["source"]: int(m["cls"]) for _, _, m in iter_samples(out)} == \
+        {"a.mp4": 1, "b.mp4": 2, "c.mp4": 0}
