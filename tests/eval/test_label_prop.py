@@ -135,3 +135,14 @@ def test_propagate_sequences_writes_davis_layout_and_scores(davis_dir, tmp_path)
         assert written == list(sequence.frame_stems)
     table = global_table(evaluate_folder(davis_dir, tmp_path))
     assert 0.0 <= table["J&F-Mean"] <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["dino", "crw"])
+def test_cuda_kernel_equals_cpu(preset):
+    feats, labels = random_video(frames=5, grid=(30, 52), dim=64)
+    cfg = PRESETS[preset]
+    cpu = Propagator(feats[0], labels, cfg)
+    gpu = Propagator(feats[0].cuda(), labels.cuda(), cfg)
+    for feature in feats[1:]:
+        torch.testing.assert_close(gpu.step(feature.cuda()).cpu(), cpu.step(feature), rtol=1e-4, atol=1e-5)
