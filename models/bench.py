@@ -249,7 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="registered ViT names to benchmark (default: %(default)s)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS),
                         help="impl:backend[+compile] rows; impl is ours|timm, backend eager (timm only), "
-                             "math, sdpa, auto or xformers (ours only); none for memory rows only (default: all of %(default)s)")
+                             "math, sdpa, auto or xformers (ours only); none for memory rows only "
+                             "(default: all of %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per step (default: %(default)s)")
     parser.add_argument("--img-size", type=int, default=224, help="square training resolution (default: %(default)s)")
     parser.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16",

@@ -9,7 +9,8 @@ from models.heads import MLP, DINOHead
 def test_dino_head_matches_a_weight_norm_reference():
     torch.manual_seed(0)
     head = DINOHead(32, 100, hidden_dim=64, bottleneck_dim=16)
-    assert [k for k in head.state_dict() if k.startswith("last_layer")] == ["last_layer.weight_v", "last_layer.weight_g"]
+    last_layer_keys = [k for k in head.state_dict() if k.startswith("last_layer")]
+    assert last_layer_keys == ["last_layer.weight_v", "last_layer.weight_g"]
     assert not head.last_layer.weight_g.requires_grad
     with torch.no_grad():
         head.last_layer.weight_g.uniform_(0.5, 2.0)  # test the general g, not just the frozen g = 1
