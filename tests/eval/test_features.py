@@ -1,0 +1,43 @@
+"""Backbone loading and feature extraction for evaluation."""
+import pytest
+import torch
+
+import models
+from eval import features as ft
+from models.io import export_backbone
+
+
+def test_dense_features_vit_and_resnet():
+    frames = torch.randint(0, 256, (2, 32, 48, 3), dtype=torch.uint8)
+    vit = models.build("vit_tiny_patch16").eval()
+    fmap = ft.dense_feature_fn(vit)(frames)
+    assert fmap.shape == (2, vit.embed_dim, 2, 3) and ft.feature_stride(vit) == 16
+    torch.testing.assert_close(fmap.norm(dim=1), torch.ones(2, 2, 3))
+    # the last block's patch tokens after the final norm, in raster order (CLS dropped)
+    tokens = vit.forward_features(ft.normalise_frames(frames))["patches"]
+    expected = torch.nn.functional.normalize(tokens, dim=-1).transpose(1, 2).reshape(2, -1, 2, 3)
+    torch.testing.assert_close(fmap, expected, rtol=1e-4, atol=1e-5)
+    resnet = models.build("resnet18_crw").eval()
+    cnn = ft.dense_feature_fn(resnet)(frames)
+    assert cnn.shape == (2, resnet.out_channels, 4, 6) and ft.feature_stride(resnet) == 8
+
+
+def test_global_descriptor_concatenates_blocks():
+    vit = models.build("vit_tiny_patch16").eval()
+    images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    assert ft.global_descriptor(vit, images).shape == (3, vit.embed_dim)
+    assert ft.global_descriptor(vit, images, n_last_blocks=4, avgpool=True).shape == (3, 5 * vit.embed_dim)
+
+
+def test_load_backbone_from_run_dir_and_file(tmp_path):
+    vit = models.build("vit_tiny_patch16")
+    export_backbone(vit, tmp_path / "backbone.safetensors")
+    for source in (tmp_path, tmp_path / "backbone.safetensors"):
+        loaded = ft.load_backbone(source)
+        torch.testing.assert_close(loaded.state_dict()["pos_embed"], vit.state_dict()["pos_embed"])
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    with pytest.raises(FileNotFoundError, match="backbone.safetensors"):
+        ft.load_backbone(empty_run)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        ft.load_backbone(tmp_path / "nowhere.pth")
