@@ -1,15 +1,17 @@
 """Random access to the members of a packed dataset: the pack-time `.idx` files give each member's
 offset and size, the tars are mmap'ed, so reading a member is a slice (no tar parsing, no copy).
 
-Opened lazily per process: the object pickles without its maps, so DataLoader and DALI
-external-source workers each map the shards themselves.
+The index is held in flat numpy arrays (one row per member: extension id, offset, size), not in a
+dict per sample: a JPEG-frame dataset has ~35 members per sample, and Kinetics-sized datasets would
+otherwise cost ~1 GB of Python objects in every reader process. The maps are opened lazily per
+process: the object pickles without them, so DataLoader and DALI external-source workers each map
+the shards themselves.
 """
 from __future__ import annotations
 
 import json
 import logging
 import mmap
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +26,6 @@ VIDEO_EXTS = ("mp4", "webm")
 
 class SampleError(ValueError):
     """A sample cannot be used: the message names the shard and the key."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    shard: int
-    key: str
-    members: dict[str, tuple[int, int]]
 
 
 def frame_member(index: int) -> str:
@@ -76,15 +71,29 @@ class ShardDataset:
         fmt = manifest.get("format", "jpeg")
         self.format = "jpeg" if fmt == "original" else fmt
         self.tar_paths = [Path(p) for p in manifest["tar_paths"]]
-        self.samples: list[Sample] = []
+        self.exts: list[str] = []                    # extension vocabulary
+        ext_ids: dict[str, int] = {}
+        keys, shards, counts, rows = [], [], [], []
         for shard, idx in enumerate(manifest["idx_paths"]):
-            self.samples.extend(Sample(shard, key, members) for key, members in read_index(idx))
-        if not self.samples:
+            for key, members in read_index(idx):
+                keys.append(key)
+                shards.append(shard)
+                counts.append(len(members))
+                rows += [(ext_ids.setdefault(ext, len(ext_ids)), offset, size)
+                         for ext, (offset, size) in members.items()]
+        if not keys:
             raise ValueError(f"{self.path}: the manifest lists no samples; pack some videos into it first")
+        self.exts = list(ext_ids)
+        self.keys = keys
+        self.shard_of = np.array(shards, dtype=np.int32)
+        self.first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        table = np.array(rows, dtype=np.int64)
+        self.member_ext, self.member_offset, self.member_size = table[:, 0].astype(np.int32), table[:, 1], table[:, 2]
+        self._ext_ids = ext_ids
         self._maps: dict[int, mmap.mmap] = {}
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.keys)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -93,21 +102,36 @@ class ShardDataset:
 
     def where(self, sample_id: int) -> str:
         """`shard.tar:key` for messages."""
-        sample = self.samples[sample_id]
-        return f"{self.tar_paths[sample.shard].name}:{sample.key}"
+        return f"{self.tar_paths[self.shard_of[sample_id]].name}:{self.keys[sample_id]}"
+
+    def members(self, sample_id: int) -> list[str]:
+        """The extensions of a sample's members."""
+        rows = slice(self.first[sample_id], self.first[sample_id + 1])
+        return [self.exts[e] for e in self.member_ext[rows]]
+
+    def _row(self, sample_id: int, ext: str) -> int | None:
+        """Index of member `ext` of a sample in the flat member table, None when absent."""
+        ext_id = self._ext_ids.get(ext)
+        first = int(self.first[sample_id])
+        hits = np.flatnonzero(self.member_ext[first:self.first[sample_id + 1]] == ext_id) if ext_id is not None else ()
+        return first + int(hits[0]) if len(hits) else None
+
+    def has(self, sample_id: int, ext: str) -> bool:
+        return self._row(sample_id, ext) is not None
 
     def member(self, sample_id: int, ext: str) -> memoryview:
         """The bytes of one member (a view into the mmap'ed tar)."""
-        sample = self.samples[sample_id]
-        if ext not in sample.members:
+        row = self._row(sample_id, ext)
+        if row is None:
             raise SampleError(f"{self.where(sample_id)} has no '{ext}' member (it has "
-                              f"{sorted(sample.members)}); the shard is damaged or was not written by "
+                              f"{sorted(self.members(sample_id))}); the shard is damaged or was not written by "
                               "shard_tools/pack.py; repack it")
-        offset, size = sample.members[ext]
-        if sample.shard not in self._maps:
-            with open(self.tar_paths[sample.shard], "rb") as f:
-                self._maps[sample.shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return memoryview(self._maps[sample.shard])[offset:offset + size]
+        shard = int(self.shard_of[sample_id])
+        if shard not in self._maps:
+            with open(self.tar_paths[shard], "rb") as f:
+                self._maps[shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        offset = int(self.member_offset[row])
+        return memoryview(self._maps[shard])[offset:offset + int(self.member_size[row])]
 
     def array(self, sample_id: int, ext: str) -> np.ndarray:
         """One member as a uint8 array (no copy)."""
@@ -118,16 +142,15 @@ class ShardDataset:
 
     def label(self, sample_id: int) -> int:
         """Class id from `label.i32`, -1 when the sample is unlabelled."""
-        if "label.i32" not in self.samples[sample_id].members:
+        if not self.has(sample_id, "label.i32"):
             return -1
         return int(np.frombuffer(self.member(sample_id, "label.i32"), dtype="<i4")[0])
 
     def video_ext(self, sample_id: int) -> str:
-        members = self.samples[sample_id].members
         for ext in VIDEO_EXTS:
-            if ext in members:
+            if self.has(sample_id, ext):
                 return ext
-        raise SampleError(f"{self.where(sample_id)} has no mp4 or webm member (it has {sorted(members)}); "
+        raise SampleError(f"{self.where(sample_id)} has no mp4 or webm member (it has {sorted(self.members(sample_id))}); "
                           f"the manifest says format {self.format!r}; repack it")
 
     def frame_size(self, sample_id: int) -> tuple[int, int]:

@@ -26,7 +26,7 @@ def test_video_samples_give_the_views_of_their_jpeg_twins(jpeg_shards, h264_shar
     for path in (jpeg_shards, h264_shards):
         loader = build_loader(DataConfig(path=str(path), batch_size=3, num_workers=0, device="cpu"), spec, 0, 1)
         batches[path] = list(itertools.islice(iter(loader), 2))
-    keys = [[ShardDataset(p).samples[i].key.split("_", 1)[1] for i in range(6)]   # key: <dataset>_<video>_<seg>
+    keys = [[ShardDataset(p).keys[i].split("_", 1)[1] for i in range(6)]   # key: <dataset>_<video>_<seg>
             for p in (jpeg_shards, h264_shards)]
     assert keys[0] == keys[1]
     for a, b in zip(batches[jpeg_shards], batches[h264_shards]):
