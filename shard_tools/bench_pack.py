@@ -8,8 +8,9 @@ then for every format and worker count times `pack.py --kind videos` (constant -
 (or given with --ffmpeg), the same transcode by the ffmpeg CLI, one process per video with the same
 number running at once and the same decoder threads. ffmpeg writes loose files (JPEG frames or one
 mp4 per video), not shards, so it does less work than pack.py (no shuffle, tar, index, manifest).
-Prints a Markdown table of output frames per second (total and per worker); the best of --repeat
-runs counts, as the machine may be shared.
+Prints a Markdown table of output frames per second (total and per worker) and CPU milliseconds per
+output frame (all processes; unlike wall time it barely moves when other jobs share the machine);
+the fastest of --repeat runs counts.
 """
 import os, sys  # noqa: E401  (run as a script: make the repository root importable, not this folder)
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,6 +20,7 @@ import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -29,6 +31,13 @@ from shard_tools import pack  # noqa: E402
 from shard_tools.synth import render_video, write_mp4  # noqa: E402
 
 SOURCE_FPS = 30
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children: unlike wall time it
+    barely changes when other jobs compete for the cores."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def make_inputs(folder: Path, videos: int, seconds: float, width: int, height: int) -> list[Path]:
@@ -44,17 +53,18 @@ def make_inputs(folder: Path, videos: int, seconds: float, width: int, height: i
     return paths
 
 
-def time_pack(src: Path, out: Path, fmt: str, workers: int, fps: float, short_side: int) -> tuple[float, int]:
-    """Seconds and output frames of one pack.py run."""
-    start = time.perf_counter()
+def time_pack(src: Path, out: Path, fmt: str, workers: int, fps: float,
+              short_side: int) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and output frames of one pack.py run."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     with contextlib.redirect_stdout(io.StringIO()):
         code = pack.main(["--kind", "videos", "--src", str(src), "--out", str(out), "--format", fmt, "--fps",
                           str(fps), "--short-side", str(short_side), "--workers", str(workers), "--overwrite",
                           "--quiet"])
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     if code != 0:
         raise RuntimeError(f"pack.py failed on {src}")
-    return seconds, json.loads((out / "manifest.json").read_text())["frames"]
+    return seconds, cpu, json.loads((out / "manifest.json").read_text())["frames"]
 
 
 def ffmpeg_command(ffmpeg: str, video: Path, out: Path, fmt: str, fps: float, short_side: int,
@@ -72,18 +82,18 @@ def ffmpeg_command(ffmpeg: str, video: Path, out: Path, fmt: str, fps: float, sh
 
 
 def time_ffmpeg(ffmpeg: str, videos: list[Path], out: Path, fmt: str, workers: int, fps: float,
-                short_side: int) -> float:
-    """Seconds for `workers` concurrent ffmpeg processes to transcode every video."""
+                short_side: int) -> tuple[float, float]:
+    """Wall and CPU seconds for `workers` concurrent ffmpeg processes to transcode every video."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     threads = max(1, (os.cpu_count() or 1) // workers)
     commands = [ffmpeg_command(ffmpeg, v, out / v.stem, fmt, fps, short_side, threads) for v in videos]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     with ThreadPoolExecutor(workers) as pool:
         for result in pool.map(lambda cmd: subprocess.run(cmd, capture_output=True), commands):
             if result.returncode != 0:
                 raise RuntimeError(f"ffmpeg failed: {result.stderr.decode()[-500:]}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,26 +117,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(videos)} inputs {args.width}x{args.height} {SOURCE_FPS} fps, {args.seconds:g} s each; "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python {platform.python_version()}; "
           f"ffmpeg: {args.ffmpeg or 'not found'}")
-    print("| format | workers | pack.py frames/s | per worker | ffmpeg CLI frames/s | per process |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| format | workers | pack.py frames/s | per worker | CPU ms/frame | ffmpeg CLI frames/s | per process "
+          "| CPU ms/frame |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     results = []
     for fmt in args.formats:
         for workers in args.workers:
-            runs = [time_pack(src, args.work / f"out-{fmt}", fmt, workers, args.fps, args.short_side)
-                    for _ in range(args.repeat)]
-            seconds, frames = min(runs)
-            ours = frames / seconds
-            row = {"format": fmt, "workers": workers, "frames": frames, "pack_s": seconds, "pack_fps": ours}
-            theirs = "n/a"
+            seconds, cpu, frames = min(time_pack(src, args.work / f"out-{fmt}", fmt, workers, args.fps,
+                                                 args.short_side) for _ in range(args.repeat))
+            row = {"format": fmt, "workers": workers, "frames": frames, "pack_s": seconds, "pack_cpu_s": cpu}
+            line = f"| {fmt} | {workers} | {frames / seconds:.0f} | {frames / seconds / workers:.0f} | {1e3 * cpu / frames:.1f} |"
             if args.ffmpeg and fmt in ("jpeg", "h264"):
-                ff = min(time_ffmpeg(args.ffmpeg, videos, args.work / f"ffmpeg-{fmt}", fmt, workers, args.fps,
-                                     args.short_side) for _ in range(args.repeat))
-                row.update(ffmpeg_s=ff, ffmpeg_fps=frames / ff)
-                theirs = f"{frames / ff:.0f} | {frames / ff / workers:.0f}"
+                ff, ff_cpu = min(time_ffmpeg(args.ffmpeg, videos, args.work / f"ffmpeg-{fmt}", fmt, workers,
+                                             args.fps, args.short_side) for _ in range(args.repeat))
+                row.update(ffmpeg_s=ff, ffmpeg_cpu_s=ff_cpu)
+                line += f" {frames / ff:.0f} | {frames / ff / workers:.0f} | {1e3 * ff_cpu / frames:.1f} |"
             else:
-                theirs = "n/a | n/a"
+                line += " n/a | n/a | n/a |"
             results.append(row)
-            print(f"| {fmt} | {workers} | {ours:.0f} | {ours / workers:.0f} | {theirs} |", flush=True)
+            print(line, flush=True)
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
 
 
