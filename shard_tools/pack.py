@@ -46,8 +46,8 @@ SPOOL = ".spool"
 KINDS = ("videos", "frames", "long")
 
 
-class StrictFailure(Exception):
-    """--strict: the first bad input stops the run."""
+class UsageError(Exception):
+    """Bad arguments or an output folder pack.py must not touch: reported, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,19 +177,19 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool) -> dict | None:
     manifest_path = out / MANIFEST
     if overwrite and out.exists():
         if not manifest_path.exists() and not (out / SPOOL).exists() and any(out.iterdir()):
-            raise SystemExit(f"error: --overwrite refuses to delete {out}: it holds files but no {MANIFEST} "
+            raise UsageError(f"--overwrite refuses to delete {out}: it holds files but no {MANIFEST} "
                              "(not a pack.py dataset); choose an empty or new --out")
         shutil.rmtree(out)
     if manifest_path.exists():
         previous = json.loads(manifest_path.read_text(encoding="utf-8"))
         if previous.get("settings") != settings:
             changed = sorted(k for k in settings if previous.get("settings", {}).get(k) != settings[k])
-            raise SystemExit(f"error: {out} was packed with different settings ({', '.join(changed)}); "
+            raise UsageError(f"{out} was packed with different settings ({', '.join(changed)}); "
                              "rerun with the same options to resume, or add --overwrite to start again")
         if previous.get("complete"):
             return previous
     elif out.exists() and any(p for p in out.iterdir() if p.name != SPOOL):
-        raise SystemExit(f"error: {out} is not empty and has no {MANIFEST}; choose a new --out")
+        raise UsageError(f"{out} is not empty and has no {MANIFEST}; choose a new --out")
     (out / SPOOL).mkdir(parents=True, exist_ok=True)
     return None
 
@@ -205,13 +205,13 @@ def _class_ids(sources: list[Source]) -> dict[str, int] | None:
 def run(args: argparse.Namespace) -> int:
     src, out = Path(args.src), Path(args.out)
     if not src.is_dir():
-        raise SystemExit(f"error: --src {src} is not a folder")
+        raise UsageError(f"--src {src} is not a folder")
     if args.subset and args.kind != "frames":
-        raise SystemExit("error: --subset applies to --kind frames only")
+        raise UsageError("--subset applies to --kind frames only")
     if args.kind == "long" and not args.clip_seconds:
-        raise SystemExit("error: --kind long needs --clip-seconds (the segment length), e.g. --clip-seconds 10")
+        raise UsageError("--kind long needs --clip-seconds (the segment length), e.g. --clip-seconds 10")
     if args.clip_seconds and args.format == "jpeg" and round(args.clip_seconds * args.fps) > 1000:
-        raise SystemExit("error: a JPEG sample holds at most 1000 frames; lower --clip-seconds or --fps")
+        raise UsageError("a JPEG sample holds at most 1000 frames; lower --clip-seconds or --fps")
     args.name = sanitize_key(args.name or out.resolve().name, 24)
     settings = pack_settings(args)
     if _prepare_out(out, settings, args.overwrite) is not None:
@@ -225,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             sources, skipped = find_videos(src, args.labels)
     except (OSError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise UsageError(str(err)) from None
     classes = _class_ids(sources)
     manifest = {"name": args.name, "tool_version": shard_tools.__version__, "kind": args.kind,
                 "format": "original" if args.kind == "frames" and any(s.masks_rel for s in sources) else args.format,
@@ -314,9 +314,13 @@ def _encode_sources(args: argparse.Namespace, settings: dict, sources: list[Sour
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.workers < 1 or args.shard_size <= 0 or args.fps <= 0:
-        raise SystemExit("error: --workers, --shard-size and --fps must be positive")
-    return run(args)
+    try:
+        if args.workers < 1 or args.shard_size <= 0 or args.fps <= 0:
+            raise UsageError("--workers, --shard-size and --fps must be positive")
+        return run(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
