@@ -103,8 +103,15 @@ class Telemetry:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
+        # On resume, records written after the checkpoint (by the run that was interrupted) are dropped
+        # from both logs, so every step appears once.
         self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step or None)
-        self.jsonl = open(Path(run_dir) / "log.jsonl", "a")
+        log_path = Path(run_dir) / "log.jsonl"
+        if log_path.is_file():
+            kept = [line for line in log_path.read_text().splitlines(keepends=True)
+                    if json.loads(line)["step"] <= start_step]
+            log_path.write_text("".join(kept))
+        self.jsonl = open(log_path, "a")
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=None)  # disable=None: no bar when stderr is not a terminal
 

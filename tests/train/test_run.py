@@ -115,6 +115,8 @@ def test_crw_sigterm_then_resume_auto_equals_uninterrupted(jpeg_shards, tmp_path
     assert stopped_at < f"step-{steps:06d}", "the signal arrived after the run ended"
 
     assert run.main(argv("crw", jpeg_shards, interrupted, steps, *one_clip, "--resume", "auto")) == 0
+    logged = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))  # every step exactly once across the two sessions
     same_tensors(straight / f"checkpoints/step-{steps:06d}/model.safetensors",
                  interrupted / f"checkpoints/step-{steps:06d}/model.safetensors")
 
