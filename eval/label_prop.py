@@ -15,6 +15,7 @@ Two presets reproduce the published protocols (team docs evaluation.md §2.2, §
   + 20 previous, missing previous frames are copies of the first; top-10; circular neighbourhood
   (distance < 12) on all but the first frame; temperature 0.05; first-frame labels bilinear-resized;
   output bilinear-resized to the original size, argmax.
+* ``smtc``: ``crw`` with SMTC's ViT-S/16 settings (top-7, radius 7, temperature 0.2).
 
 Speed and memory: the context lives in a ring buffer (no re-stacking per frame), and the affinity is
 computed tile by tile: a tile of query cells only meets the key window its neighbourhood can reach, so
@@ -70,6 +71,8 @@ PRESETS = {
                              pad_with_first=True, temperature=0.05, label_resize="bilinear", output="crw",
                              short_side=None, size_multiple=0),
 }
+# SMTC's setting A (ViT-S/16 features through CRW's propagation; evaluation.md §2.5): top-7, radius 7, T 0.2
+PRESETS["smtc"] = replace(PRESETS["crw"], topk=7, radius=7.0, temperature=0.2)
 
 
 def network_size(height: int, width: int, cfg: PropagationConfig, stride: int) -> tuple[int, int]:

@@ -89,7 +89,7 @@ def translating_video(frames=8, grid=(12, 16), stride=8, dim=64):
     return feats, masks
 
 
-@pytest.mark.parametrize("preset", ["dino", "crw"])
+@pytest.mark.parametrize("preset", ["dino", "crw", "smtc"])
 def test_translating_video_is_tracked(preset):
     feats, masks = translating_video()
     out = list(propagate_video(feats, masks[0], masks[0].shape, PRESETS[preset], stride=8))
