@@ -248,15 +248,12 @@ class BaselineClips(torch.utils.data.Dataset):
 
 def run_path(path_name: str, data: str, spec: ViewSpec, args, device: torch.device) -> dict:
     if path_name == "baseline":
-        loader = torch.utils.data.DataLoader(BaselineClips(data, spec), batch_size=args.batch_size, shuffle=True,
-                                             num_workers=args.workers, drop_last=True, persistent_workers=args.workers > 0,
-                                             pin_memory=device.type == "cuda")
-
-        def batches():
-            while True:
-                for batch in loader:
-                    yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        iterable = batches()
+        dataset = BaselineClips(data, spec)
+        # reshuffled epochs back to back, so batches may span epochs (as our loader's do)
+        sampler = torch.utils.data.RandomSampler(dataset, num_samples=2 ** 31)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler,
+                                             num_workers=args.workers, drop_last=True, pin_memory=device.type == "cuda")
+        iterable = ({k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in loader)
     else:
         backend = "dali" if path_name == "dali" else "cpu"
         on = device if backend == "dali" else torch.device("cpu")
