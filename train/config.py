@@ -73,7 +73,8 @@ class RunSection:
     steps: int = 1000
     """Optimiser steps in the whole run (schedules span exactly this many)."""
     seed: int = 0
-    """Seed of model init, augmentation and sampling (each rank offsets its own streams)."""
+    """Seed of the initial weights and of in-model randomness (drop path, edge dropout; offset per rank).
+    Sampling and augmentation follow data.seed."""
     precision: Literal["bf16", "fp32"] = "bf16"
     """bf16 autocast on GPU; the CPU path always runs float32."""
     log_every: int = 10
@@ -84,6 +85,8 @@ class RunSection:
     """Most recent checkpoints kept on disk."""
 
 
+# Set by train/run.py from the launcher (each rank's device), so not offered as options.
+DERIVED = {("data", "device")}
 SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelSection, "optim": OptimSection, "run": RunSection}
 
 
@@ -243,6 +246,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             "ones; train/configs/<method>.yaml overrides some of them.")
         helps = field_help(cls)
         for f in dataclasses.fields(cls):
+            if (section, f.name) in DERIVED:
+                continue
             default = f.default if f.default is not dataclasses.MISSING else None
             group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
                                metavar=f.name.upper(), help=f"{helps.get(f.name, '')} (default: {default})")

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     use_bf16 = cfg.run.precision == "bf16" and torch.cuda.is_available() and not args.cpu
     accelerator = Accelerator(cpu=args.cpu, mixed_precision="bf16" if use_bf16 else "no")
     rank, world = accelerator.process_index, accelerator.num_processes
+    cfg.data.device = str(accelerator.device)  # the launcher decides; recorded in config.yaml below
     run_dir = Path(args.out)
     resume_from = find_resume_checkpoint(args.resume, run_dir)
     if resume_from is not None:
@@ -124,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(cfg.run.seed + rank)  # per-rank streams for in-model randomness (edge dropout, drop path)
 
     # The loader is not passed to accelerator.prepare: it shards by rank and lands on the device itself.
-    cfg.data.device, cfg.data.seed = str(accelerator.device), cfg.run.seed
     loader = build_loader(cfg.data, core.views(), rank, world)
     start = 0
     if resume_from is not None:
