@@ -217,6 +217,10 @@ def load_sequence_masks(sequence: Sequence, results_dir: Path, task: str) -> tup
     num_objects = int(np.where(first == VOID_LABEL, 0, first).max())
     if task == "semi-supervised":
         stems = stems[1:-1]
+    if not stems:
+        raise ValueError(f"sequence {sequence.name}: too few annotated frames to score (the semi-supervised task "
+                         "skips the first and last); test sets without annotations can only be propagated "
+                         "(--no-score)")
     gt = np.stack([sequence.mask(s) for s in stems])
     preds = []
     for stem in stems:

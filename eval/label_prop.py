@@ -28,7 +28,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import argparse
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.davis_io import VOID_LABEL, Sequence, open_sequences, write_mask
+from eval.davis_io import VOID_LABEL, Sequence, write_mask
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class PropagationConfig:
     label_resize: str = "nearest"    # first-frame labels to the feature grid: "nearest" | "bilinear"
     output: str = "dino"             # "dino": x stride bilinear, min-max, argmax, nearest | "crw": bilinear, argmax
     short_side: int | None = 480     # resize frames so the short side is this (None: keep the size)
-    size_multiple: int = 64          # floor the long side (and H, W when short_side is None) to this
+    size_multiple: int = 64          # floor the resized long side to a multiple of this
     tile: int = 16                   # query tile side in cells (memory and speed knob; results identical)
 
     def __post_init__(self):
@@ -69,21 +69,25 @@ PRESETS = {
     "dino": PropagationConfig(),
     "crw": PropagationConfig(context=20, topk=10, radius=12.0, neighbourhood="circle", restrict_first=False,
                              pad_with_first=True, temperature=0.05, label_resize="bilinear", output="crw",
-                             short_side=None, size_multiple=0),
+                             short_side=None),
 }
 # SMTC's setting A (ViT-S/16 features through CRW's propagation; evaluation.md §2.5): top-7, radius 7, T 0.2
 PRESETS["smtc"] = replace(PRESETS["crw"], topk=7, radius=7.0, temperature=0.2)
 
 
 def network_size(height: int, width: int, cfg: PropagationConfig, stride: int) -> tuple[int, int]:
-    """Input size for the backbone: DINO's short-side-480 / floor-64 rule, or the native size floored to a
-    multiple of the stride (a ViT drops the remainder otherwise, see SMTC's note)."""
-    multiple = max(cfg.size_multiple, stride)
+    """Input size for the backbone: DINO's rule (short side to ``short_side``, long side floored to a
+    multiple of ``size_multiple``), or with ``short_side=None`` the native size floored to a multiple of
+    the stride (a ViT silently drops the remainder otherwise, see SMTC's note)."""
     if cfg.short_side is None:
-        return height // multiple * multiple, width // multiple * multiple
-    if height > width:
-        return int(cfg.short_side * height / width) // multiple * multiple, cfg.short_side
-    return cfg.short_side, int(cfg.short_side * width / height) // multiple * multiple
+        size = (height // stride * stride, width // stride * stride)
+    else:
+        multiple = max(cfg.size_multiple, stride)
+        long_side = int(cfg.short_side * max(height, width) / min(height, width)) // multiple * multiple
+        size = (long_side, cfg.short_side) if height > width else (cfg.short_side, long_side)
+    if min(size) < stride:
+        raise ValueError(f"frames of {width}x{height} are smaller than one {stride}-pixel feature cell")
+    return size
 
 
 def first_frame_labels(mask: np.ndarray, grid: tuple[int, int], mode: str, device="cpu") -> torch.Tensor:
@@ -286,35 +290,11 @@ def config_from_args(args: argparse.Namespace) -> PropagationConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from eval import davis_metrics
-    from eval.features import dense_feature_fn, feature_stride, load_backbone
+    """``python eval/label_prop.py ARGS`` is ``python eval/run.py labelprop ARGS`` (propagate, write the
+    palette PNGs, score J&F, print the table and the frames/s, write labelprop.json)."""
+    from eval import run
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="run dir, exported .safetensors, or DINO/timm checkpoint")
-    parser.add_argument("--arch", help="architecture of an official checkpoint, e.g. vit_small_patch16")
-    parser.add_argument("--data", required=True, help="DAVIS-layout folder or evaluation shards (manifest.json)")
-    parser.add_argument("--set", default="val", help="DAVIS subset (ImageSets/2017/<set>.txt)")
-    parser.add_argument("--out", required=True, help="results folder: <sequence>/<frame>.png")
-    parser.add_argument("--no-score", action="store_true", help="only write masks, do not compute J&F")
-    add_propagation_args(parser)
-    args = parser.parse_args(argv)
-    cfg = config_from_args(args)
-    device = torch.device(args.device)
-    backbone = load_backbone(args.ckpt, args.arch).to(device).eval()
-    stride = feature_stride(backbone)
-    sequences = open_sequences(args.data, subset=args.set)
-    timing = propagate_sequences(sequences, dense_feature_fn(backbone, args.layer), stride, cfg, args.out, device,
-                                 args.batch)
-    print(f"protocol {args.protocol}: {asdict(cfg)}")
-    print(f"{timing['frames']} frames in {timing['seconds']:.1f} s ({timing['frames_per_second']:.2f} frames/s)")
-    result = {"protocol": args.protocol, "config": asdict(cfg), "timing": timing}
-    if not args.no_score:
-        scores = davis_metrics.evaluate_sequences(sequences, args.out)
-        result["scores"] = davis_metrics.global_table(scores)
-        davis_metrics.write_csvs(scores, args.out, args.set)
-        print(davis_metrics.format_table([result["scores"]], davis_metrics.GLOBAL_COLUMNS))
-    return result
+    return run.main(["labelprop", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -43,19 +43,21 @@ def run_labelprop(args, backbone, device) -> dict:
     sequences = open_sequences(args.data, subset=args.set)
     timing = label_prop.propagate_sequences(sequences, dense_feature_fn(backbone, args.layer),
                                             feature_stride(backbone), cfg, args.out, device, args.batch)
-    scores = davis_metrics.evaluate_sequences(sequences, args.out)
-    davis_metrics.write_csvs(scores, args.out, args.set)
+    result = {"protocol": args.protocol, "config": asdict(cfg), "timing": timing}
     if args.visualize:
         for sequence in sequences:
             frames = [sequence.frame(i) for i in range(len(sequence.frames))]
             masks = [read_mask(Path(args.out) / sequence.name / f"{stem}.png") for stem in sequence.frame_stems]
             visualize.save_png(Path(args.out) / "vis" / f"{sequence.name}.png", visualize.overlay_strip(frames, masks))
             visualize.save_gif(Path(args.out) / "vis" / f"{sequence.name}.gif", frames, masks)
-    table = davis_metrics.global_table(scores)
-    print(davis_metrics.format_table([table], davis_metrics.GLOBAL_COLUMNS))
     print(f"{timing['frames']} frames at {timing['frames_per_second']:.2f} frames/s (protocol {args.protocol})")
-    return {"protocol": args.protocol, "config": asdict(cfg), "timing": timing, "scores": table,
-            "per_object": davis_metrics.per_object_table(scores)}
+    if args.no_score:
+        return result
+    scores = davis_metrics.evaluate_sequences(sequences, args.out)
+    davis_metrics.write_csvs(scores, args.out, args.set)
+    result.update(scores=davis_metrics.global_table(scores), per_object=davis_metrics.per_object_table(scores))
+    print(davis_metrics.format_table([result["scores"]], davis_metrics.GLOBAL_COLUMNS))
+    return result
 
 
 def run_clusters(args, backbone, device) -> dict:
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="semi-supervised label propagation + DAVIS J&F (--data: DAVIS folder or eval shards)")
     p.add_argument("--set", default="val", help="DAVIS subset (ImageSets/2017/<set>.txt)")
     p.add_argument("--visualize", action="store_true", help="also write <out>/vis/<sequence>.png (strip) and .gif")
+    p.add_argument("--no-score", action="store_true", help="only write the masks (sets without annotations)")
     label_prop.add_propagation_args(p)
 
     p = commands.add_parser("clusters", parents=[common], formatter_class=defaults,

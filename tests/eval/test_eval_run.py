@@ -75,3 +75,18 @@ def test_discovery_official_protocol(run_dir, davis_dir, tmp_path):
 def test_entry_scripts_have_help(script):
     out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "usage" in out.stdout
+
+
+def test_labelprop_without_annotations_only_writes_masks(run_dir, tmp_path):
+    from eval.davis_io import write_davis_folder
+    import numpy as np
+
+    frames = [np.full((32, 48, 3), 20 * t, np.uint8) for t in range(4)]
+    first = np.zeros((32, 48), np.uint8)
+    first[8:20, 8:30] = 1
+    davis = write_davis_folder(tmp_path / "test-dev", {"clip": (frames, [first])})  # frame 0 annotated only
+    args = ["--ckpt", run_dir, "--data", davis, "--out", tmp_path / "out", "--device", "cpu", "--short-side", "0"]
+    with pytest.raises(ValueError, match="--no-score"):
+        run_eval("labelprop", *args)
+    result = run_eval("labelprop", *args, "--no-score")
+    assert "scores" not in result and len(list((tmp_path / "out" / "clip").glob("*.png"))) == 4
