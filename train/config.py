@@ -65,6 +65,10 @@ class OptimSection:
     accum_steps: int = 1
     """Micro-batches accumulated per optimiser step."""
 
+    def __post_init__(self) -> None:
+        if self.accum_steps < 1 or self.lr_reference_batch < 1:
+            raise ValueError("optim.accum_steps and optim.lr_reference_batch must be >= 1")
+
 
 @dataclass
 class RunSection:
@@ -83,6 +87,10 @@ class RunSection:
     """Steps between checkpoints (one is always written at the end and on SIGTERM/SIGINT)."""
     keep_checkpoints: int = 3
     """Most recent checkpoints kept on disk."""
+
+    def __post_init__(self) -> None:
+        if min(self.steps, self.log_every, self.ckpt_every, self.keep_checkpoints) < 1:
+            raise ValueError("run.steps, run.log_every, run.ckpt_every and run.keep_checkpoints must be >= 1")
 
 
 # Set by train/run.py from the launcher (each rank's device), so not offered as options.

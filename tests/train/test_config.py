@@ -48,6 +48,8 @@ def test_layers_apply_in_order(tmp_path):
     ({"crw.crop_scale": "[0.5]"}, "expected a list of 2 values"),
     ({"data.backend": "gpu"}, "backend"),
     ({"dino.out_dim": 5}, "unknown section 'dino'"),
+    ({"run.ckpt_every": 0}, "run.ckpt_every .* must be >= 1"),
+    ({"optim.accum_steps": 0}, "optim.accum_steps .* must be >= 1"),
 ])
 def test_bad_values_fail_fast(overrides, message):
     with pytest.raises(ConfigError, match=message):
