@@ -148,6 +148,8 @@ class CRW(Objective):
             self.encoder = models.build(arch, drop_path=drop_path)
             width = self.encoder.embed_dim
         else:
+            if drop_path:
+                raise ValueError(f"model.drop_path={drop_path}: {arch} has no stochastic depth; set it to 0")
             self.encoder = models.build(arch)
             width = self.encoder.out_channels
         layers: list[nn.Module] = []
