@@ -191,7 +191,8 @@ class Propagator:
                 if top is None:
                     top, values = first_top, first_values
                 else:  # merge the two candidate lists: top-k of the union is top-k of the 2k candidates
-                    top, pick = torch.cat([top, first_top], 1).topk(cfg.topk, dim=1)
+                    candidates = torch.cat([top, first_top], 1)
+                    top, pick = candidates.topk(min(cfg.topk, candidates.shape[1]), dim=1)
                     values = torch.cat([values, first_values], 1).gather(
                         1, pick[..., None].expand(-1, -1, num_classes))
             weights = torch.softmax(top / cfg.temperature, dim=1)                                 # (Q, k)

@@ -37,7 +37,8 @@ def dense_reference(features, first_labels, cfg):
                 a = a.masked_fill(~inside, float("-inf"))
             scores.append(a)
             values.append(labels[s].reshape(len(first_labels), -1).T)
-        top, index = torch.cat(scores, 1).topk(cfg.topk, dim=1)
+        scores = torch.cat(scores, 1)
+        top, index = scores.topk(min(cfg.topk, scores.shape[1]), dim=1)
         soft = torch.einsum("qk,qkc->qc", torch.softmax(top / cfg.temperature, 1), torch.cat(values)[index])
         labels.append(soft.T.reshape(-1, h, w))
     return labels[1:]
@@ -51,10 +52,10 @@ def random_video(frames=6, grid=(9, 11), dim=16, classes=3, seed=0):
 
 
 @pytest.mark.parametrize("preset", ["dino", "crw"])
-@pytest.mark.parametrize("tile", [1, 4, 32])
-def test_tiled_kernel_equals_dense_definition(preset, tile):
-    feats, labels = random_video()
-    cfg = replace(PRESETS[preset], tile=tile, radius=3.0, context=3, topk=4)
+@pytest.mark.parametrize("tile, grid, topk", [(1, (9, 11), 4), (4, (9, 11), 4), (32, (9, 11), 4), (2, (2, 2), 6)])
+def test_tiled_kernel_equals_dense_definition(preset, tile, grid, topk):
+    feats, labels = random_video(grid=grid)
+    cfg = replace(PRESETS[preset], tile=tile, radius=3.0, context=3, topk=topk)
     propagator = Propagator(feats[0], labels, cfg)
     ours = [propagator.step(f) for f in feats[1:]]
     expected = dense_reference(feats, labels, cfg)
