@@ -27,7 +27,8 @@ def test_paper_defaults():
     assert (crw.objective.min_walk_length, crw.objective.dropout_shared) == (1, False)
     assert (crw.optim.lr, crw.optim.weight_decay, crw.optim.clip_grad) == (1e-4, 0.0, 0.0)
     dino = load_config("dino", overrides={"data.path": "/d"})
-    assert (dino.objective.out_dim, dino.objective.teacher_temp, dino.objective.momentum_teacher) == (65536, 0.04, 0.996)
+    d = dino.objective
+    assert (d.out_dim, d.teacher_temp, d.momentum_teacher, d.local_crops) == (65536, 0.04, 0.996, 8)
     assert (dino.optim.lr, dino.optim.lr_reference_batch, dino.optim.clip_mode) == (5e-4, 256, "per_param")
     assert dino.model.drop_path == 0.1
 

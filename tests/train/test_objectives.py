@@ -53,7 +53,8 @@ def test_crw_loss_falls_on_a_fixed_batch(arch, patch, lr):
 
 def dino_batch(b=2):
     g = torch.Generator().manual_seed(2)
-    return {"global": torch.randn(b, 2, 1, 3, 32, 32, generator=g), "local": torch.randn(b, 2, 1, 3, 16, 16, generator=g)}
+    return {"global": torch.randn(b, 2, 1, 3, 32, 32, generator=g),
+            "local": torch.randn(b, 2, 1, 3, 16, 16, generator=g)}
 
 
 def test_dino_views_are_multicrop():

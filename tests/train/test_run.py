@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import models.io
-from pipeline import DataConfig, build_loader
+from pipeline import build_loader
 from train import run
 from train.config import load_config
 from train.objectives import OBJECTIVES
