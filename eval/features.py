@@ -28,7 +28,12 @@ def load_backbone(ckpt: str | Path, arch: str | None = None, trust_pickle: bool 
                                     "train/run.py (it exports one at every checkpoint) or a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint (expected a run directory, .safetensors or .pth)")
-    return load_weights_file(path, arch=arch, trust_pickle=trust_pickle).eval()
+    backbone = load_weights_file(path, arch=arch, trust_pickle=trust_pickle).eval()
+    if "layer4" in getattr(backbone, "stages", ()):
+        # CRW's protocol: layer4 (and the head) serve the training walk only; propagation and probes
+        # read layer3 (256 channels, stride 8), as videowalk's test.py does.
+        backbone.remove_layers(["layer4"])
+    return backbone
 
 
 def normalise_frames(frames: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

@@ -41,3 +41,18 @@ def test_load_backbone_from_run_dir_and_file(tmp_path):
         ft.load_backbone(empty_run)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         ft.load_backbone(tmp_path / "nowhere.pth")
+
+
+def test_crw_encoder_is_evaluated_on_layer3(tmp_path):
+    """A CRW run exports the trained encoder with layer4; evaluation reads layer3 as videowalk does."""
+    trained = models.build("resnet18_crw").eval()
+    export_backbone(trained, tmp_path / "backbone.safetensors")
+    loaded = ft.load_backbone(tmp_path)
+    assert loaded.stages == ["layer1", "layer2", "layer3"] and loaded.out_channels == 256
+    frames = torch.randint(0, 256, (1, 32, 48, 3), dtype=torch.uint8)
+    x = ft.normalise_frames(frames)
+    with torch.inference_mode():
+        stem = trained.maxpool(trained.relu(trained.bn1(trained.conv1(x))))
+        layer3 = trained.layer3(trained.layer2(trained.layer1(stem)))
+    expected = torch.nn.functional.normalize(layer3, dim=1)
+    torch.testing.assert_close(ft.dense_feature_fn(loaded)(frames), expected, rtol=1e-4, atol=1e-5)
