@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import signal
 from collections import Counter
 from typing import Iterator
 
@@ -104,7 +105,7 @@ class Loader:
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=None, sampler=range(2 ** 62), num_workers=workers,
             prefetch_factor=self.cfg.prefetch if workers else None, pin_memory=not render_here,
-            persistent_workers=False)
+            persistent_workers=False, worker_init_fn=leave_sigterm_to_the_parent)
         for item in loader:
             if render_here:
                 yield item["batch"], item["skipped"]
@@ -117,6 +118,14 @@ class Loader:
 
         for frames, rows, skipped in dali_batches(self.source, self.cfg, self.position):
             yield render(frames, P.unpack(self.spec, rows), self.spec, self.dtype), skipped
+
+
+def leave_sigterm_to_the_parent(worker_id: int) -> None:
+    """Schedulers (SLURM pre-emption, `timeout`, Kubernetes) send SIGTERM to every process of a job. The
+    training process answers it by checkpointing and then shuts its workers down; a worker that died
+    first would abort the step in flight instead. (Workers already ignore SIGINT, and they exit on their
+    own when the parent is gone.)"""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(data_cfg: DataConfig, views: ViewSpec, rank: int = 0, world_size: int = 1) -> Loader:

@@ -121,6 +121,22 @@ def test_crw_sigterm_then_resume_auto_equals_uninterrupted(jpeg_shards, tmp_path
                  interrupted / f"checkpoints/step-{steps:06d}/model.safetensors")
 
 
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoints(jpeg_shards, tmp_path):
+    """Schedulers (SLURM pre-emption, `timeout`, Kubernetes) signal every process of the job: loader
+    workers must leave the stop to the trainer instead of dying and aborting the step in flight."""
+    out = tmp_path / "run"
+    command = argv("crw", jpeg_shards, out, 1000, "--data.num_workers", "1")
+    proc = subprocess.Popen([sys.executable, "train/run.py", *command], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = out / "log.jsonl"
+    started = wait_for(lambda: log.is_file() and log.read_text().strip(), 240, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=240)[0]
+    assert started and proc.returncode == 0, output
+    assert "stopped by SIGTERM" in output
+    assert list((out / "checkpoints").iterdir()) and (out / "backbone.safetensors").is_file()
+
+
 def test_nan_guard_stops_dumps_the_batch_and_keeps_the_last_good_checkpoint(jpeg_shards, tmp_path, monkeypatch,
                                                                             capsys):
     crw = OBJECTIVES["crw"]
