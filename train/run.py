@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
             if bad_here:
                 dump = dump_nonfinite_batch(run_dir, rank, step, batch, {"loss": step_loss, "grad_norm": grad_norm,
                                                                          **logs})
-                samples = [loader.dataset.where(int(i)) for i in batch["sample"]] if "sample" in batch else []
+                bad_samples = [loader.dataset.where(int(i)) for i in batch["sample"]] if "sample" in batch else []
                 print(f"rank {rank}: non-finite loss or gradient at step {step} (loss {step_loss.item():.4g}, "
-                      f"grad norm {grad_norm.item():.4g}); batch {samples} saved to {dump}. The last good checkpoint is "
+                      f"grad norm {grad_norm.item():.4g}); batch {bad_samples} saved to {dump}. The last good checkpoint is "
                       f"kept; lower optim.lr, raise optim.warmup_epochs or use --run.precision fp32, "
                       f"then continue with --resume auto.", file=sys.stderr)
             if nonfinite:
