@@ -122,9 +122,9 @@ class Loader:
 
 def leave_sigterm_to_the_parent(worker_id: int) -> None:
     """Schedulers (SLURM pre-emption, `timeout`, Kubernetes) send SIGTERM to every process of a job. The
-    training process answers it by checkpointing and then shuts its workers down; a worker that died
-    first would abort the step in flight instead. (Workers already ignore SIGINT, and they exit on their
-    own when the parent is gone.)"""
+    training process answers it by checkpointing and then shuts its workers down; a torch worker that
+    died first would abort the step in flight instead. (Torch workers already ignore SIGINT and exit
+    on their own when the parent is gone; DALI's workers survive the signal as they are.)"""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 

@@ -121,11 +121,12 @@ def test_crw_sigterm_then_resume_auto_equals_uninterrupted(jpeg_shards, tmp_path
                  interrupted / f"checkpoints/step-{steps:06d}/model.safetensors")
 
 
-def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoints(jpeg_shards, tmp_path):
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("dali", marks=pytest.mark.dali)])
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoints(backend, jpeg_shards, tmp_path):
     """Schedulers (SLURM pre-emption, `timeout`, Kubernetes) signal every process of the job: loader
     workers must leave the stop to the trainer instead of dying and aborting the step in flight."""
     out = tmp_path / "run"
-    command = argv("crw", jpeg_shards, out, 1000, "--data.num_workers", "1")
+    command = argv("crw", jpeg_shards, out, 1000, "--data.num_workers", "1", "--data.backend", backend)
     proc = subprocess.Popen([sys.executable, "train/run.py", *command], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log = out / "log.jsonl"
