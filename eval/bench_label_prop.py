@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--frames", type=int, default=80, help="video length")
     parser.add_argument("--dim", type=int, default=384, help="feature channels (ViT-S: 384)")
     parser.add_argument("--stride", type=int, default=16, help="patch size: 16 gives a 30x52 grid, 8 gives 60x104")
-    parser.add_argument("--tile", type=int, default=16, help="our query tile side in cells")
+    parser.add_argument("--tile", type=int, default=PRESETS["dino"].tile, help="our query tile side in cells")
     parser.add_argument("--skip-baseline", action="store_true", help="time only our implementation")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", help="also write the results here")

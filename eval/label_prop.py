@@ -19,8 +19,12 @@ Two presets reproduce the published protocols (team docs evaluation.md §2.2, §
 
 Speed and memory: the context lives in a ring buffer (no re-stacking per frame), and the affinity is
 computed tile by tile: a tile of query cells only meets the key window its neighbourhood can reach, so
-the work per query is (tile + 2r)^2 cells per context frame instead of the whole frame, and memory is
-one tile's scores, never the (context x N x N) affinity DINO's script materialises.
+the work per query is (tile + 2r)^2 cells per context frame instead of the whole frame (small tiles waste
+less of it on cells outside every neighbourhood), all context frames go through one batched matmul into
+a reused buffer, the neighbourhood is a precomputed additive mask, the top-k is cut down by row maxima
+before torch.topk sees it, and the labels of the k winners are one index into a cell-major label bank.
+Memory is one tile's scores plus one column band of keys, never the (context x N x N) affinity DINO's
+script materialises.
 """
 import os, sys  # noqa: E401  (run as a script: make the repository root importable, not this folder)
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +58,7 @@ class PropagationConfig:
     output: str = "dino"             # "dino": x stride bilinear, min-max, argmax, nearest | "crw": bilinear, argmax
     short_side: int | None = 480     # resize frames so the short side is this (None: keep the size)
     size_multiple: int = 64          # floor the resized long side to a multiple of this
-    tile: int = 16                   # query tile side in cells (memory and speed knob; results identical)
+    tile: int = 8                    # query tile side in cells (memory and speed knob; results identical)
 
     def __post_init__(self):
         if self.neighbourhood not in ("square", "circle"):
@@ -108,23 +112,32 @@ def _neighbourhood_reach(cfg: PropagationConfig) -> int:
 
 @dataclass
 class _Tile:
-    rows: slice            # query cells
-    cols: slice
-    key_rows: slice        # key window the neighbourhood reaches
-    key_cols: slice
-    outside: torch.Tensor  # (Q, K) bool: key cell outside the query cell's neighbourhood
+    rows: slice             # query rows (the query columns are its band's)
+    key_rows: slice         # key rows the neighbourhood reaches (the key columns are its band's)
+    outside: torch.Tensor   # (Q, R*W) additive mask: 0 inside the query cell's neighbourhood, -inf outside
+    cells: torch.Tensor     # (R*W,) grid position (row * w + col) of each key window cell
 
 
-def plan_tiles(grid: tuple[int, int], cfg: PropagationConfig, device="cpu") -> list[_Tile]:
-    """Split the grid into query tiles with their key windows and neighbourhood masks (once per size)."""
+@dataclass
+class _Band:
+    cols: slice             # query columns
+    key_cols: slice         # key columns every tile of the band reaches
+    tiles: list[_Tile]
+
+
+def plan_tiles(grid: tuple[int, int], cfg: PropagationConfig, device="cpu") -> list[_Band]:
+    """Split the grid into column bands of query tiles with their key windows and neighbourhood masks
+    (once per grid size)."""
     h, w = grid
     reach = _neighbourhood_reach(cfg)
-    tiles = []
-    for i0 in range(0, h, cfg.tile):
-        for j0 in range(0, w, cfg.tile):
-            rows, cols = slice(i0, min(i0 + cfg.tile, h)), slice(j0, min(j0 + cfg.tile, w))
+    bands = []
+    for j0 in range(0, w, cfg.tile):
+        cols = slice(j0, min(j0 + cfg.tile, w))
+        key_cols = slice(max(j0 - reach, 0), min(cols.stop + reach, w))
+        tiles = []
+        for i0 in range(0, h, cfg.tile):
+            rows = slice(i0, min(i0 + cfg.tile, h))
             key_rows = slice(max(i0 - reach, 0), min(rows.stop + reach, h))
-            key_cols = slice(max(j0 - reach, 0), min(cols.stop + reach, w))
             qi, qj = torch.meshgrid(torch.arange(rows.start, rows.stop), torch.arange(cols.start, cols.stop),
                                     indexing="ij")
             ki, kj = torch.meshgrid(torch.arange(key_rows.start, key_rows.stop),
@@ -135,72 +148,99 @@ def plan_tiles(grid: tuple[int, int], cfg: PropagationConfig, device="cpu") -> l
                 inside = (di.abs() <= cfg.radius) & (dj.abs() <= cfg.radius)
             else:
                 inside = (di ** 2 + dj ** 2) < cfg.radius ** 2
-            tiles.append(_Tile(rows, cols, key_rows, key_cols, (~inside).to(device)))
-    return tiles
+            outside = torch.zeros(inside.shape).masked_fill_(~inside, float("-inf"))
+            tiles.append(_Tile(rows, key_rows, outside.to(device), (ki * w + kj).reshape(-1).to(device)))
+        bands.append(_Band(cols, key_cols, tiles))
+    return bands
+
+
+def _top_candidates(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint top-k of (S, Q, R, W) scores over (S, R, W) per query -> (Q, k') values and their flat
+    (S, R, W) positions, k' = min(k, S*R*W).
+
+    torch.topk scans element by element, while a max over W is vectorised: the k largest scores lie in
+    the k rows (of W cells) with the largest maxima (every score of any other row is at most the k-th of
+    those maxima, which are k distinct scores), so only k*W scores per query reach torch.topk.
+    """
+    slots, queries, rows, width = scores.shape
+    row_max = scores.amax(-1).permute(1, 0, 2).reshape(queries, slots * rows)
+    _, best_rows = row_max.topk(min(k, slots * rows), dim=1)                                # (Q, k_rows)
+    candidates = scores[best_rows // rows, torch.arange(queries, device=scores.device)[:, None], best_rows % rows]
+    top, pick = candidates.reshape(queries, -1).topk(min(k, candidates[0].numel()), dim=1)
+    return top, best_rows.gather(1, pick // width) * width + pick % width
 
 
 class Propagator:
     """The context of one video and the per-frame propagation step.
 
-    Context frames whose keys are restricted to the neighbourhood live in one buffer of ``slots`` frames:
-    the first frame in slot 0 when it is restricted too (DINO), then a ring of the previous n frames.
-    An unrestricted first frame (CRW) is searched over the whole grid on its own, and its top-k merged
-    with the windowed top-k, so no (Q, N + S*K) score matrix is ever concatenated.
+    The context lives in one buffer: slot 0 holds the first frame, slots 1.. a ring of the previous n
+    frames; the labels are kept cell-major, (slots * h * w, C), so the top-k's labels are one index.
+    Keys restricted to the neighbourhood (the ring, and the first frame for DINO) are scored per column
+    band: the band's key columns are copied once per frame, after which every tile's key window is a
+    view, and all windowed slots go through one batched matmul. An unrestricted first frame (CRW) is
+    searched over the whole grid on its own, and its top-k merged with the windowed top-k.
     """
 
     def __init__(self, first_features: torch.Tensor, first_labels: torch.Tensor, cfg: PropagationConfig):
         dim, h, w = first_features.shape
         self.cfg = cfg
         self.num_classes = first_labels.shape[0]
-        self.tiles = plan_tiles((h, w), cfg, first_features.device)
-        self.ring_start = 1 if cfg.restrict_first else 0
-        slots = self.ring_start + cfg.context
+        self.bands = plan_tiles((h, w), cfg, first_features.device)
+        slots = 1 + cfg.context
         self.keys = first_features.new_empty((slots, dim, h, w))
-        self.values = first_labels.new_empty((slots, self.num_classes, h, w))
-        if cfg.restrict_first:
-            self.keys[0], self.values[0] = first_features, first_labels
-        else:
-            self.first_keys = first_features.reshape(dim, -1)                  # (D, N)
-            self.first_values = first_labels.reshape(self.num_classes, -1).T   # (N, C)
-        if cfg.pad_with_first:  # CRW front-pads the video with copies of the annotated frame
-            self.keys[self.ring_start:] = first_features
-            self.values[self.ring_start:] = first_labels
+        self.labels = first_labels.new_empty((slots, h, w, self.num_classes))
+        # CRW front-pads the video with copies of the annotated frame
+        filled = slice(None) if cfg.pad_with_first else slice(0, 1)
+        self.keys[filled] = first_features
+        self.labels[filled] = first_labels.permute(1, 2, 0)
+        self.window_start = 0 if cfg.restrict_first else 1   # first slot searched in the neighbourhood only
         self.filled = cfg.context if cfg.pad_with_first else 0
         self.position = 0
+        # Reused scratch (band keys, scores): fresh large allocations per tile cost page faults on CPU
+        band_width = max(band.key_cols.stop - band.key_cols.start for band in self.bands)
+        window = max(tile.outside.numel() for band in self.bands for tile in band.tiles)
+        self.band_keys = first_features.new_empty(slots * dim * h * band_width)
+        self.scores = first_features.new_empty(slots * window)
 
     @torch.inference_mode()
     def step(self, features: torch.Tensor) -> torch.Tensor:
         """Propagate to the next frame: (D, h, w) L2-normalised features -> (C, h, w) soft labels."""
-        cfg, num_classes = self.cfg, self.num_classes
+        cfg = self.cfg
         dim, h, w = features.shape
-        active = self.ring_start + self.filled
-        out = features.new_empty((num_classes, h, w))
-        for tile in self.tiles:
-            query = features[:, tile.rows, tile.cols].reshape(dim, -1).T                          # (Q, D)
-            top = index = values = None
-            if active:
-                window = (slice(0, active), slice(None), tile.key_rows, tile.key_cols)
-                keys = self.keys[window].permute(1, 0, 2, 3).reshape(dim, -1)                     # (D, A*K)
-                scores = (query @ keys).view(len(query), active, -1)                              # (Q, A, K)
-                scores.masked_fill_(tile.outside[:, None], float("-inf"))
-                top, index = scores.view(len(query), -1).topk(min(cfg.topk, scores[0].numel()), dim=1)
-                values = self.values[window].permute(0, 2, 3, 1).reshape(-1, num_classes)[index]  # (Q, k, C)
-            if not cfg.restrict_first:
-                first_top, first_index = (query @ self.first_keys).topk(min(cfg.topk, self.first_keys.shape[1]), 1)
-                first_values = self.first_values[first_index]
-                if top is None:
-                    top, values = first_top, first_values
-                else:  # merge the two candidate lists: top-k of the union is top-k of the 2k candidates
-                    candidates = torch.cat([top, first_top], 1)
-                    top, pick = candidates.topk(min(cfg.topk, candidates.shape[1]), dim=1)
-                    values = torch.cat([values, first_values], 1).gather(
-                        1, pick[..., None].expand(-1, -1, num_classes))
-            weights = torch.softmax(top / cfg.temperature, dim=1)                                 # (Q, k)
-            soft = torch.einsum("qk,qkc->qc", weights, values)
-            out[:, tile.rows, tile.cols] = soft.T.reshape(num_classes, tile.rows.stop - tile.rows.start, -1)
+        windowed = slice(self.window_start, 1 + self.filled)
+        slots = windowed.stop - windowed.start
+        labels = self.labels.view(-1, self.num_classes)
+        out = features.new_empty((self.num_classes, h, w))
+        for band in self.bands:
+            band_width = band.key_cols.stop - band.key_cols.start
+            keys = self.band_keys[:slots * dim * h * band_width].view(slots, dim, h, band_width)
+            keys.copy_(self.keys[windowed, :, :, band.key_cols])
+            queries = features[:, :, band.cols].permute(1, 2, 0).contiguous()              # (h, c, D)
+            for tile in band.tiles:
+                query = queries[tile.rows].view(-1, dim)                                   # (Q, D)
+                top = index = None
+                if slots:
+                    window = keys[:, :, tile.key_rows].reshape(slots, dim, -1)              # (A, D, R*W), a view
+                    scores = self.scores[:slots * tile.outside.numel()].view(slots, *tile.outside.shape)
+                    torch.bmm(query.expand(slots, -1, -1), window, out=scores).add_(tile.outside)
+                    top, index = _top_candidates(scores.view(slots, len(query), -1, band_width), cfg.topk)
+                    block = window.shape[-1]
+                    index = (index // block + windowed.start) * (h * w) + tile.cells[index % block]
+                if not cfg.restrict_first:
+                    first_scores = (query @ self.keys[0].view(dim, -1)).view(1, -1, h, w)
+                    first_top, first_index = _top_candidates(first_scores, cfg.topk)
+                    if top is None:
+                        top, index = first_top, first_index
+                    else:  # merge the two candidate lists: top-k of the union is top-k of the 2k candidates
+                        top, pick = torch.cat([top, first_top], 1).topk(
+                            min(cfg.topk, top.shape[1] + first_top.shape[1]), dim=1)
+                        index = torch.cat([index, first_index], 1).gather(1, pick)
+                weights = torch.softmax(top / cfg.temperature, dim=1)                            # (Q, k)
+                soft = torch.einsum("qk,qkc->qc", weights, labels[index])
+                out[:, tile.rows, band.cols] = soft.T.view(self.num_classes, tile.rows.stop - tile.rows.start, -1)
         if cfg.context:
-            self.keys[self.ring_start + self.position] = features
-            self.values[self.ring_start + self.position] = out
+            self.keys[1 + self.position] = features
+            self.labels[1 + self.position] = out.permute(1, 2, 0)
             self.position = (self.position + 1) % cfg.context
             self.filled = min(self.filled + 1, cfg.context)
         return out
@@ -213,9 +253,11 @@ def soft_to_mask(soft: torch.Tensor, size: tuple[int, int], cfg: PropagationConf
     up = F.interpolate(soft[None], scale_factor=stride, mode="bilinear", align_corners=False)[0]
     low = up.amin(dim=(1, 2), keepdim=True)
     high = up.amax(dim=(1, 2), keepdim=True)
-    # DINO's norm_mask: min-max per channel, only for channels that are positive somewhere
-    normed = torch.where(high > 0, (up - low) / (high - low).clamp_min(1e-12), up)
-    ids = normed.max(0).indices  # (max over a leading dim is much faster than argmax on CPU)
+    # DINO's norm_mask: min-max per channel, only for channels that are positive somewhere (in place:
+    # the full-resolution map is the largest tensor of the step)
+    positive = high > 0
+    up.sub_(torch.where(positive, low, 0)).div_(torch.where(positive, (high - low).clamp_min(1e-12), 1))
+    ids = up.max(0).indices  # (max over a leading dim is much faster than argmax on CPU)
     return F.interpolate(ids[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
 
 
@@ -275,7 +317,7 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neighbourhood", choices=("square", "circle"), help="neighbourhood shape")
     parser.add_argument("--temperature", type=float, help="softmax temperature (dino 0.1, crw 0.05)")
     parser.add_argument("--short-side", type=int, help="resize frames to this short side (dino 480); 0 keeps size")
-    parser.add_argument("--tile", type=int, help="query tile side in cells (speed/memory only; default 16)")
+    parser.add_argument("--tile", type=int, help="query tile side in cells (speed/memory only; default 8)")
     parser.add_argument("--layer", type=int, default=1, help="ViT block counted from the end (1 = last)")
     parser.add_argument("--batch", type=int, default=8, help="frames per backbone forward")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from eval.bench_label_prop import dino_style_propagation, synthetic_video
 from eval.davis_metrics import evaluate_folder, global_table, region_similarity
 from eval.davis_io import DavisFolder
-from eval.label_prop import (PRESETS, Propagator, first_frame_labels, network_size, propagate_sequences,
-                             propagate_video)
+from eval.label_prop import (PRESETS, Propagator, _top_candidates, first_frame_labels, network_size,
+                             propagate_sequences, propagate_video)
 
 
 def dense_reference(features, first_labels, cfg):
@@ -63,6 +63,19 @@ def test_tiled_kernel_equals_dense_definition(preset, tile, grid, topk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # soft labels stay a distribution over classes
     torch.testing.assert_close(ours[-1].sum(0), torch.ones(ours[-1].shape[1:]))
+
+
+@pytest.mark.parametrize("k", [1, 5, 13, 200])
+def test_row_max_top_candidates_equal_plain_topk(k):
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(3, 7, 4, 6, generator=generator)
+    scores[:, :, 1:3, 2:] = float("-inf")   # masked cells
+    scores[1:, :, 0] = float("-inf")        # fully masked rows; k = 13 and 200 exceed the 12 rows / 72 cells
+    top, index = _top_candidates(scores, k)
+    flat = scores.permute(1, 0, 2, 3).reshape(7, -1)
+    expected, _ = flat.topk(min(k, flat.shape[1]), dim=1)
+    assert torch.equal(top, expected)
+    assert torch.equal(flat.gather(1, index), top)  # the positions point at the values
 
 
 def test_dino_preset_matches_dino_style_baseline():
