@@ -59,6 +59,19 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def sync_batchnorm_stats(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm running statistics (collective).
+
+    DDP broadcasts buffers from rank 0 only at the start of each forward, so after a step each rank
+    holds statistics updated with its own batch; rank 0's are the ones DDP would use next.
+    """
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
+            for buf in (sub.running_mean, sub.running_var, sub.num_batches_tracked):
+                if buf is not None:
+                    torch.distributed.broadcast(buf, src=0)
+
+
 def save_checkpoint(accelerator: Accelerator, module: torch.nn.Module, run_dir: Path, step: int,
                     trainer_state: dict[str, Any], keep: int) -> Path:
     """Write this step's checkpoint atomically (collective: every rank must call it).
@@ -66,6 +79,8 @@ def save_checkpoint(accelerator: Accelerator, module: torch.nn.Module, run_dir: 
     Also checks that data parallelism kept every rank's copy of ``module`` identical; a divergence
     (a non-deterministic op outside DDP, a rank-dependent update) fails loudly instead of training on.
     """
+    if accelerator.num_processes > 1:
+        sync_batchnorm_stats(module)
     digest = weights_digest(module)
     digests = gather_object([digest]) if accelerator.num_processes > 1 else [digest]
     if len(set(digests)) != 1:
