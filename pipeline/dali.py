@@ -67,6 +67,13 @@ class BatchCallback:
         return encoded, rows, starts
 
 
+def dali_device_id(device: str) -> int:
+    """The GPU the DALI graph runs on: the one `device` names ("cuda:1" -> 1), else torch's current one,
+    so the outputs land on the training device without a device-to-device copy."""
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
 def build_graph(callback: BatchCallback, cfg: DataConfig, on_gpu: bool):
     """The DALI pipeline for one rank (not yet built)."""
     fn, pipeline_def, types, _ = _import_dali()
@@ -78,7 +85,7 @@ def build_graph(callback: BatchCallback, cfg: DataConfig, on_gpu: bool):
 
     # spawn, not fork: the training process has usually initialised CUDA before it builds the loader
     @pipeline_def(batch_size=per_batch, num_threads=cfg.num_threads,
-                  device_id=torch.cuda.current_device() if on_gpu else None,
+                  device_id=dali_device_id(cfg.device) if on_gpu else None,
                   py_num_workers=workers, py_start_method="spawn",
                   prefetch_queue_depth=cfg.prefetch, seed=cfg.seed)
     def graph():

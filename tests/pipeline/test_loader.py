@@ -120,3 +120,12 @@ def test_unordered_reading_without_shuffle(ramp_shards):
     spec = ViewSpec(family="clip", frames=1, size=8)
     loader = build_loader(_cfg(ramp_shards, batch_size=7, shuffle_buffer=0), spec, 0, 1)
     assert _take(loader, 1)[0]["sample"].tolist() == list(range(7))
+
+
+def test_dali_graph_runs_on_the_gpu_the_device_names(monkeypatch):
+    # device_id was torch's current device: "cuda:1" with current device 0 decoded on GPU 0
+    from pipeline.dali import dali_device_id
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert dali_device_id("cuda:1") == 1
+    assert dali_device_id("cuda") == 0
