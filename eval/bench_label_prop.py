@@ -107,16 +107,16 @@ def dino_style_propagation(features: list[torch.Tensor], first_mask: np.ndarray,
 
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     else:  # Linux: writing 5 to clear_refs resets the process's peak resident size (VmHWM)
         Path("/proc/self/clear_refs").write_text("5")
 
 
 def _peak_mib(device: torch.device) -> float:
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2 ** 20
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -129,7 +129,7 @@ def measure(name: str, fn, frames: int, device: torch.device) -> dict:
     started = time.perf_counter()
     masks = fn()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     return {"name": name, "frames_per_second": (frames - 1) / seconds, "seconds": seconds,
             "peak_mib": _peak_mib(device), "peak_mib_above_start": _peak_mib(device) - base, "masks": masks}

@@ -160,3 +160,17 @@ def test_cuda_kernel_equals_cpu(preset):
     gpu = Propagator(feats[0].cuda(), labels.cuda(), cfg)
     for feature in feats[1:]:
         torch.testing.assert_close(gpu.step(feature.cuda()).cpu(), cpu.step(feature), rtol=1e-4, atol=1e-5)
+
+
+def test_bench_gpu_memory_is_read_on_the_bench_device(monkeypatch):
+    # the bench read torch's current device: "--device cuda:1" reported GPU 0's peak memory
+    from eval import bench_label_prop
+
+    calls = []
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name: calls.append((name, device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: calls.append(("max", device)) or 0)
+    device = torch.device("cuda:1")
+    bench_label_prop._reset_peak(device)
+    bench_label_prop._peak_mib(device)
+    assert calls and all(d == device for _, d in calls)
