@@ -73,10 +73,19 @@ def process_tree_cpu_seconds() -> float:
     return sum(times.get(pid, 0.0) for pid in tree)
 
 
+def nvml_device_id(index: int, visible: str | None) -> int | str:
+    """The NVML / nvidia-smi id of torch's CUDA device `index`: NVML numbers every GPU of the machine
+    and ignores CUDA_VISIBLE_DEVICES, so with CUDA_VISIBLE_DEVICES=5 torch's cuda:0 is NVML's 5."""
+    entries = [e.strip() for e in (visible or "").split(",") if e.strip()]
+    if index >= len(entries):
+        return index
+    return int(entries[index]) if entries[index].isdigit() else entries[index]   # an index or a UUID
+
+
 class GpuMonitor:
     """Samples GPU, NVDEC and NVJPG utilisation every 100 ms in a thread (pynvml, else nvidia-smi)."""
 
-    def __init__(self, device_index: int = 0):
+    def __init__(self, device_index: int | str = 0):
         self.samples: list[tuple[float | None, float | None, float | None]] = []
         self._stop = threading.Event()
         self._read = self._pynvml_reader(device_index) or self._smi_reader(device_index)
@@ -88,7 +97,8 @@ class GpuMonitor:
             import pynvml
 
             pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            handle = (pynvml.nvmlDeviceGetHandleByUUID(index) if isinstance(index, str)
+                      else pynvml.nvmlDeviceGetHandleByIndex(index))
         except Exception:                      # not installed, or no driver
             return None
 
@@ -147,7 +157,9 @@ def measure(batches, steps: int, warmup: int, clips_per_batch: int, frames: int,
     if device.type == "cuda":
         torch.cuda.synchronize()
     cpu0, t0 = process_tree_cpu_seconds(), time.perf_counter()
-    with GpuMonitor(device.index or 0) if device.type == "cuda" else GpuMonitor(-1) as monitor:
+    gpu = (nvml_device_id(torch.cuda.current_device() if device.index is None else device.index,
+                          os.environ.get("CUDA_VISIBLE_DEVICES")) if device.type == "cuda" else -1)
+    with GpuMonitor(gpu) as monitor:
         for _ in range(steps):
             next(it)
         if device.type == "cuda":

@@ -38,3 +38,12 @@ def test_cpu_time_of_the_process_tree_grows_with_work():
     before = process_tree_cpu_seconds()
     sum(i * i for i in range(3_000_000))
     assert process_tree_cpu_seconds() - before > 0.05
+
+
+def test_gpu_monitor_reads_the_gpu_torch_uses():
+    # NVML ignores CUDA_VISIBLE_DEVICES: torch's cuda:0 under CUDA_VISIBLE_DEVICES=5,3 is NVML's GPU 5
+    from pipeline.bench import nvml_device_id
+
+    assert nvml_device_id(0, None) == 0 and nvml_device_id(1, "") == 1
+    assert nvml_device_id(0, "5,3") == 5 and nvml_device_id(1, "5, 3") == 3
+    assert nvml_device_id(0, "GPU-8f2c1e4a-0000-1111-2222-333344445555") == "GPU-8f2c1e4a-0000-1111-2222-333344445555"
