@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = resolve_config(args)
     use_bf16 = cfg.run.precision == "bf16" and torch.cuda.is_available() and not args.cpu
+    if cfg.data.dtype != "float32" and not use_bf16:
+        # Half-precision views meet float32 weights at the first layer unless autocast casts them.
+        raise ConfigError(f"data.dtype {cfg.data.dtype} needs bf16 autocast (run.precision bf16 on a GPU); "
+                          "this run computes in float32: use --data.dtype float32")
     accelerator = Accelerator(cpu=args.cpu, mixed_precision="bf16" if use_bf16 else "no")
     rank, world = accelerator.process_index, accelerator.num_processes
     cfg.data.device = str(accelerator.device)  # the launcher decides; recorded in config.yaml below

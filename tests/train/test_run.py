@@ -138,6 +138,13 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_still_checkpoint
     assert list((out / "checkpoints").iterdir()) and (out / "backbone.safetensors").is_file()
 
 
+def test_half_precision_views_without_autocast_fail_fast(jpeg_shards, tmp_path):
+    from train.config import ConfigError
+    with pytest.raises(ConfigError, match="data.dtype bfloat16 needs bf16 autocast"):
+        run.main(argv("crw", jpeg_shards, tmp_path / "run", 2, "--data.dtype", "bfloat16"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_nan_guard_stops_dumps_the_batch_and_keeps_the_last_good_checkpoint(jpeg_shards, tmp_path, monkeypatch,
                                                                             capsys):
     crw = OBJECTIVES["crw"]
