@@ -24,7 +24,10 @@ demo:
 	    --resume auto --data.batch_size 4 --data.num_workers 0 --model.arch vit_tiny_patch16 \
 	    --dino.global_size 64 --dino.local_size 32 --dino.local_crops 2 --dino.out_dim 256 \
 	    --dino.head_hidden_dim 64 --dino.head_bottleneck_dim 32
-	$(PYTHON) eval/run.py labelprop --ckpt $(DEMO)/runs/crw --data $(DEMO)/shards/davis --protocol crw --visualize
+	# The synthetic sequences are 128x96; CRW's protocol reads frames at their native size (DAVIS: 480p),
+	# so evaluate them at DAVIS's short side of 480, as the dino preset does.
+	$(PYTHON) eval/run.py labelprop --ckpt $(DEMO)/runs/crw --data $(DEMO)/shards/davis --protocol crw \
+	    --short-side 480 --visualize
 	$(PYTHON) eval/run.py labelprop --ckpt $(DEMO)/runs/dino --data $(DEMO)/shards/davis --protocol dino --visualize
 	$(PYTHON) eval/run.py knn --ckpt $(DEMO)/runs/dino --data $(DEMO)/shards/train
 	@echo "demo outputs in $(DEMO)/: shards/, runs/{crw,dino}/ (tb/, backbone.safetensors, eval/*/vis/*.png|gif)"
