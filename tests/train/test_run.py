@@ -166,30 +166,28 @@ def test_nan_guard_stops_dumps_the_batch_and_keeps_the_last_good_checkpoint(jpeg
     assert "non-finite loss or gradient at step 2" in capsys.readouterr().err
 
 
-def test_two_process_gloo_crw_run_keeps_batchnorm_stats_identical(jpeg_shards, tmp_path):
-    # ResNet-18's BatchNorm running statistics are updated by each rank's own batch; the checkpoint
-    # must hold rank 0's on every rank (it used to stop with "the ranks' weights differ").
-    out = tmp_path / "ddp-crw"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-           "train/run.py", *argv("crw", jpeg_shards, out, 2)]
+def two_gloo_ranks(method, data, out, port):
+    """2 steps of `method` under `torchrun --nproc_per_node 2` on the CPU; (output, per-rank trainer states)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "train/run.py", *argv(method, data, out, 2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = out / "checkpoints/step-000002"
-    states = [torch.load(ckpt / f"trainer-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    return proc.stdout + proc.stderr, [torch.load(ckpt / f"trainer-rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def test_two_process_gloo_crw_run_keeps_batchnorm_stats_identical(jpeg_shards, tmp_path):
+    # ResNet-18's BatchNorm running statistics are updated by each rank's own batch; the checkpoint
+    # must hold rank 0's on every rank (it used to stop with "the ranks' weights differ").
+    _, states = two_gloo_ranks("crw", jpeg_shards, tmp_path / "ddp-crw", 29518)
     assert states[0]["weights_sha256"] == states[1]["weights_sha256"]
 
 
 def test_two_process_gloo_run_reads_disjoint_data_and_keeps_ranks_identical(jpeg_shards, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "train/run.py", *argv("dino", jpeg_shards, out, 2)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout + proc.stderr
-    ckpt = out / "checkpoints/step-000002"
-    states = [torch.load(ckpt / f"trainer-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    output, states = two_gloo_ranks("dino", jpeg_shards, out, 29517)
+    assert "2 process(es)" in output
     # save_checkpoint already refuses to write when the ranks' weights differ; check its record too.
     assert states[0]["weights_sha256"] == states[1]["weights_sha256"]
     assert [(s["loader"]["rank"], s["loader"]["world_size"], s["loader"]["position"]) for s in states] == [
