@@ -18,6 +18,7 @@ from torch import nn
 
 import models
 from pipeline import ViewSpec
+from pipeline.views import IMAGENET_MEAN, IMAGENET_STD
 from train.objectives.base import Objective
 
 # log(0) guard on the walk's return probability; matches videowalk, caps -log at ~46 (F8).
@@ -25,7 +26,7 @@ RETURN_EPS = 1e-20
 # Value written into dropped affinities before the softmax: their edges get exactly zero weight.
 DROPPED_AFFINITY = -1e20
 NORM_STATS = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
 }
 
