@@ -28,8 +28,9 @@ from models.vit import VIT_SIZES, VisionTransformer, resize_pos_embed
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "densevid-backbone-v1"
-# Wrappers that prefix backbone keys: DDP, torch.compile, DINO's MultiCropWrapper, SMTC/CRW encoders.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.model.", "encoder.", "model.")
+# Wrappers that prefix backbone keys: DDP, torch.compile, our EMA teachers (train/teacher.py), DINO's
+# MultiCropWrapper, SMTC/CRW encoders.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.", "backbone.", "encoder.model.", "encoder.", "model.")
 # Constructor arguments that change how a model runs, not its weights: not written into exports.
 RUNTIME_KWARGS = ("attn", "drop_path", "grad_checkpointing")
 # Top-level checkpoint entries a backbone does not use: classifiers and masked-modelling tokens.

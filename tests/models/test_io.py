@@ -59,8 +59,8 @@ def test_dino_training_checkpoint_loads_teacher_or_student(tmp_path, vit_pair):
     from safetensors.torch import save_file
 
     flat = {**{f"student.{k}": v for k, v in student.state_dict().items()},
-            **{f"teacher.{k}": v for k, v in teacher.state_dict().items()},
-            **{f"teacher_head.{k}": v for k, v in head.state_dict().items()}, "center": torch.zeros(1, 64)}
+            **{f"teacher.net.{k}": v for k, v in teacher.state_dict().items()},
+            **{f"teacher_head.net.{k}": v for k, v in head.state_dict().items()}, "center": torch.zeros(1, 64)}
     save_file(flat, tmp_path / "model.safetensors")
     assert_same_weights(load_backbone(tmp_path / "model.safetensors"), teacher)
     assert_same_weights(load_backbone(tmp_path / "model.safetensors", which="student"), student)

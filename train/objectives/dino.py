@@ -6,7 +6,6 @@ different views. Centering and sharpening together keep the teacher from collaps
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,8 @@ import models
 from models.heads import DINOHead
 from pipeline import ViewSpec
 from train.objectives.base import Objective
-from train.optim import cosine_schedule, ema_update_
+from train.optim import cosine_schedule
+from train.teacher import EMATeacher
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -124,11 +124,8 @@ class DINO(Objective):
             hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim,
         )
         # The teacher has no stochastic depth; it starts as an exact copy of the student.
-        self.teacher = models.build(arch, drop_path=0.0)
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher_head = copy.deepcopy(self.student_head)
-        for p in (*self.teacher.parameters(), *self.teacher_head.parameters()):
-            p.requires_grad_(False)
+        self.teacher = EMATeacher(self.student, twin=models.build(arch, drop_path=0.0))
+        self.teacher_head = EMATeacher(self.student_head)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
         self.teacher_temp = cfg.warmup_teacher_temp
 
@@ -193,8 +190,8 @@ class DINO(Objective):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         m = self.momentum(step)
-        ema_update_(self.teacher.parameters(), self.student.parameters(), m)
-        ema_update_(self.teacher_head.parameters(), self.student_head.parameters(), m)
+        self.teacher.update(self.student, m)
+        self.teacher_head.update(self.student_head, m)
 
     def backbone(self) -> nn.Module:
-        return self.teacher  # DINO evaluates the teacher
+        return self.teacher.net  # DINO evaluates the teacher
