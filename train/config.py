@@ -36,6 +36,17 @@ class ModelSection:
     """models.build name; empty: the method's default (resnet18_crw for CRW, vit_small_patch16 for DINO)."""
     drop_path: float = 0.0
     """Stochastic-depth rate of the trained (student) ViT."""
+    init: str = ""
+    """Checkpoint the backbone starts from (student and teachers): an official DINO / timm / videowalk
+    file, or a densevid backbone.safetensors / checkpoint (teacher weights when it holds both); read by
+    models.io. Empty: random initialisation. Ignored when a run resumes (the checkpoint has the weights)."""
+    trainable: tuple[str, ...] = ()
+    """Backbone parameter-name prefixes that train, e.g. [blocks.10, blocks.11]; the rest of the backbone
+    is frozen (no gradient is computed for it). Empty: the whole backbone trains."""
+
+    def __post_init__(self) -> None:
+        # Absolute, so config.yaml says which file was loaded and a resume from elsewhere still matches.
+        self.init = str(Path(self.init).expanduser().resolve()) if self.init else ""
 
 
 @dataclass
@@ -64,10 +75,17 @@ class OptimSection:
     """per_param: DINO's rule, each tensor clipped to the threshold on its own; global: total norm."""
     accum_steps: int = 1
     """Micro-batches accumulated per optimiser step."""
+    backbone_lr_mult: float = 1.0
+    """The backbone's LR is the scheduled LR times this (TimeT 0.1: backbone 1e-5 under a 1e-4 head)."""
+    backbone_frozen_steps: int = 0
+    """Steps at the start during which the backbone's LR is 0 (SMTC's grad_iter): its gradients are
+    still computed, so Adam's moments follow them as in SMTC, but its weights do not move."""
 
     def __post_init__(self) -> None:
         if self.accum_steps < 1 or self.lr_reference_batch < 1:
             raise ValueError("optim.accum_steps and optim.lr_reference_batch must be >= 1")
+        if self.backbone_lr_mult < 0 or self.backbone_frozen_steps < 0:
+            raise ValueError("optim.backbone_lr_mult and optim.backbone_frozen_steps must be >= 0")
 
 
 @dataclass
@@ -161,6 +179,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             value = yaml.safe_load(value)
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # any length: [a, b], or "a,b" on the command line
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if value is None:
+                value = []
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key}: expected a list like [a, b], got {value!r}")
+            return tuple(_coerce(v, args[0], key) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values like [0.4, 1.0], got {value!r}")
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))

@@ -31,19 +31,35 @@ def scaled_lr(lr: float, global_batch: int, reference_batch: int, rule: str) -> 
     return lr * factors[rule]
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """Trainable parameters split as DINO does: biases and 1-D tensors (norms) get no weight decay."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, backbone: nn.Module | None = None) -> list[dict]:
+    """Trainable parameters split as DINO does: biases and 1-D tensors (norms) get no weight decay.
+
+    With ``backbone`` (a submodule of ``model``), its parameters form their own two groups, marked
+    ``backbone=True``, so they can follow another learning rate (:func:`set_lr_wd`); empty groups
+    are left out. Without it: [decay, no_decay].
+    """
+    in_backbone = {id(p) for p in backbone.parameters()} if backbone is not None else set()
+    groups = {(part, decay): [] for part in (False, True) for decay in (True, False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-    return [{"params": decay, "decay": True}, {"params": no_decay, "decay": False, "weight_decay": 0.0}]
+            decay = not (name.endswith(".bias") or p.ndim == 1)
+            groups[id(p) in in_backbone, decay].append(p)
+    out = []
+    for (part, decay), params in groups.items():
+        if backbone is None and part:
+            continue
+        if backbone is not None and not params:
+            continue
+        group = {"params": params, "decay": decay, "backbone": part}
+        out.append(group if decay else {**group, "weight_decay": 0.0})
+    return out
 
 
-def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
-    """Apply this step's scheduled values; groups marked ``decay=False`` keep zero weight decay."""
+def set_lr_wd(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> None:
+    """Apply this step's scheduled values; groups marked ``decay=False`` keep zero weight decay and
+    groups marked ``backbone=True`` get ``lr * backbone_lr_mult``."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * backbone_lr_mult if group.get("backbone", False) else lr
         if group.get("decay", True):
             group["weight_decay"] = weight_decay
 

@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from accelerate import Accelerator  # noqa: E402
+from accelerate import Accelerator, DistributedDataParallelKwargs  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -34,6 +34,7 @@ from pipeline import build_loader  # noqa: E402
 from shard_tools.manifest import load_manifest  # noqa: E402
 from train.checkpoint import GracefulStop, find_resume_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from train.config import Config, ConfigError, add_config_arguments, load_config, overrides_from_args  # noqa: E402
+from train.finetune import backbone_lr_mult, prepare_backbone  # noqa: E402
 from train.objectives import OBJECTIVES  # noqa: E402
 from train.optim import clip_gradients_, cosine_schedule, param_groups, scaled_lr, set_lr_wd  # noqa: E402
 from train.telemetry import Telemetry, Throughput, collect_versions, peak_flops, peak_memory_gib  # noqa: E402
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         # Half-precision views meet float32 weights at the first layer unless autocast casts them.
         raise ConfigError(f"data.dtype {cfg.data.dtype} needs bf16 autocast (run.precision bf16 on a GPU); "
                           "this run computes in float32: use --data.dtype float32")
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision="bf16" if use_bf16 else "no")
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=OBJECTIVES[cfg.method].find_unused_parameters)
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision="bf16" if use_bf16 else "no", kwargs_handlers=[ddp])
     rank, world = accelerator.process_index, accelerator.num_processes
     cfg.data.device = str(accelerator.device)  # the launcher decides; recorded in config.yaml below
     run_dir = Path(args.out)
@@ -123,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(cfg.run.seed)  # identical initial weights on every rank
     objective = OBJECTIVES[cfg.method](cfg.objective, arch=cfg.model.arch, drop_path=cfg.model.drop_path,
                                        total_steps=total, steps_per_epoch=steps_per_epoch)
-    optimizer = torch.optim.AdamW(param_groups(objective), lr=peak_lr, betas=cfg.optim.betas)
+    weights = prepare_backbone(objective, cfg.model, fresh=resume_from is None)
+    optimizer = torch.optim.AdamW(param_groups(objective, objective.student_backbone()), lr=peak_lr,
+                                  betas=cfg.optim.betas)
     model, optimizer = accelerator.prepare(objective, optimizer)
     core = accelerator.unwrap_model(model)
     set_seed(cfg.run.seed + rank)  # per-rank streams for in-model randomness (edge dropout, drop path)
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     telemetry = Telemetry(run_dir, accelerator.is_main_process, start, total)
     telemetry.print(f"{cfg.method} | {cfg.model.arch} | {world} process(es) on {accelerator.device} | "
                     f"global batch {global_batch} | peak lr {peak_lr:.3g} | {steps_per_epoch} steps/epoch | "
-                    + (f"resumed from {resume_from}" if resume_from else "fresh start"))
+                    + (f"resumed from {resume_from}" if resume_from else "fresh start") + f" | {weights}")
     throughput = Throughput(global_batch, skip_steps=min(10, max(total - start, 1) // 5))
     flops_per_step = None
     window: dict[str, torch.Tensor] = {}  # sums of the logged scalars since the last record
@@ -150,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             t_step = time.perf_counter()
             lr = cosine_schedule(step, peak_lr, cfg.optim.min_lr, total, warmup_steps)
             wd = cosine_schedule(step, cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
-            set_lr_wd(optimizer, lr, wd)
+            backbone_mult = backbone_lr_mult(cfg.optim, step)
+            set_lr_wd(optimizer, lr, wd, backbone_mult)
             scheduled = core.begin_step(step)
             data_time, step_loss = 0.0, 0.0
             counting = args.report and flops_per_step is None
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 names = list(window)
                 means = accelerator.reduce(torch.stack([window[k] for k in names]), "mean")
                 scalars = {k: v / window_steps for k, v in zip(names, means.tolist())}
-                scalars.update(lr=lr, wd=wd, epoch=step / steps_per_epoch, **scheduled, **throughput.window(),
+                scalars.update(lr=lr, backbone_lr=lr * backbone_mult, wd=wd, epoch=step / steps_per_epoch,
+                               **scheduled, **throughput.window(),
                                memory_gib=peak_memory_gib(accelerator.device),
                                skipped_samples=sum(loader.skipped.values()))
                 telemetry.log(step, scalars)

@@ -38,7 +38,7 @@ class EMATeacher(nn.Module):
     def __init__(self, student: nn.Module, twin: nn.Module | None = None, frozen: Iterable[str] = ()) -> None:
         super().__init__()
         self.net = copy.deepcopy(student) if twin is None else twin
-        self.net.load_state_dict(student.state_dict())
+        self.restart(student)
         self.net.requires_grad_(False)
         self.net.eval()
         self.frozen = tuple(frozen)
@@ -53,6 +53,12 @@ class EMATeacher(nn.Module):
         super().train(mode)
         self.net.eval()  # targets never see dropout or drop path
         return self
+
+    @torch.no_grad()
+    def restart(self, student: nn.Module) -> None:
+        """Become an exact copy of ``student`` again, frozen parameters included (after the student
+        was loaded from pretrained weights: SMTC's frozen encoder is the loaded one)."""
+        self.net.load_state_dict(student.state_dict())
 
     @torch.no_grad()
     def update(self, student: nn.Module, momentum: float) -> None:

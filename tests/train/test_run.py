@@ -166,10 +166,10 @@ def test_nan_guard_stops_dumps_the_batch_and_keeps_the_last_good_checkpoint(jpeg
     assert "non-finite loss or gradient at step 2" in capsys.readouterr().err
 
 
-def two_gloo_ranks(method, data, out, port):
+def two_gloo_ranks(method, data, out, port, *extra):
     """2 steps of `method` under `torchrun --nproc_per_node 2` on the CPU; (output, per-rank trainer states)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           "train/run.py", *argv(method, data, out, 2)]
+           "train/run.py", *argv(method, data, out, 2, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -199,6 +199,16 @@ def test_two_process_gloo_run_reads_disjoint_data_and_keeps_ranks_identical(jpeg
     cfg.data.device = "cpu"
     first = [{int(i) for i in next(iter(build_loader(cfg.data, views, r, 2)))["sample"]} for r in (0, 1)]
     assert len(first[0]) == len(first[1]) == 2 and first[0].isdisjoint(first[1])
+
+
+def test_two_process_gloo_run_with_frozen_blocks_and_a_frozen_first_step(jpeg_shards, tmp_path):
+    # Parameters without requires_grad stay out of DDP's reducer; a backbone at LR 0 still syncs gradients.
+    out = tmp_path / "ddp-frozen"
+    _, states = two_gloo_ranks("dino", jpeg_shards, out, 29519, "--model.trainable", "blocks.10,blocks.11",
+                               "--optim.backbone_frozen_steps", "1", "--optim.warmup_epochs", "0")
+    assert states[0]["weights_sha256"] == states[1]["weights_sha256"]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[0]["backbone_lr"] == 0 and log[1]["backbone_lr"] > 0
 
 
 @pytest.mark.gpu

@@ -6,7 +6,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from models.io import load_weights
 from pipeline import ViewSpec
+from train.teacher import EMATeacher
 
 
 class Objective(nn.Module):
@@ -15,10 +17,17 @@ class Objective(nn.Module):
     Subclasses set ``Config`` (their dataclass of knobs, the YAML section named after the method)
     and ``default_arch``, and are built as ``cls(cfg, arch=..., drop_path=..., total_steps=...,
     steps_per_epoch=...)``: step-indexed schedules (teacher momentum, temperatures) need both.
+
+    The trainer's generic fine-tuning knobs (train/finetune.py: ``model.init``, ``model.trainable``,
+    ``optim.backbone_lr_mult``, ``optim.backbone_frozen_steps``) act on :meth:`student_backbone`;
+    :meth:`teacher_pairs` lets them restart the teachers after loading pretrained weights.
     """
 
     Config: ClassVar[type]
     default_arch: ClassVar[str]
+    find_unused_parameters: ClassVar[bool] = False
+    """True when some trainable parameter can get no gradient in a step (multi-process runs then
+    tell DDP to look for them, which costs a graph traversal per step)."""
 
     def views(self) -> ViewSpec:
         """The views the pipeline must produce for this method."""
@@ -42,3 +51,21 @@ class Objective(nn.Module):
     def backbone(self) -> nn.Module:
         """The network exported as the run's backbone (built by ``models.build``)."""
         raise NotImplementedError
+
+    def student_backbone(self) -> nn.Module:
+        """The backbone network the optimiser trains (built by ``models.build``): what ``model.init``
+        loads, what ``model.trainable`` selects in, and what ``optim.backbone_lr_mult`` scales."""
+        raise NotImplementedError
+
+    def teacher_pairs(self) -> list[tuple[EMATeacher, nn.Module]]:
+        """Every EMA teacher of the objective with the student module it follows (none by default)."""
+        return []
+
+    def load_backbone_weights(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> list[str]:
+        """Start the student backbone from ``state`` (backbone keys, as ``models.io.backbone_state_dict``
+        returns them), then restart every teacher from its student so it starts from them too.
+        Missing or foreign keys raise ValueError naming them; returns the skipped (head) entries."""
+        skipped = load_weights(self.student_backbone(), state, source=source)
+        for teacher, student in self.teacher_pairs():
+            teacher.restart(student)
+        return skipped

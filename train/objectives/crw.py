@@ -189,3 +189,6 @@ class CRW(Objective):
 
     def backbone(self) -> nn.Module:
         return self.encoder
+
+    def student_backbone(self) -> nn.Module:
+        return self.encoder

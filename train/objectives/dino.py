@@ -190,8 +190,14 @@ class DINO(Objective):
     @torch.no_grad()
     def after_step(self, step: int) -> None:
         m = self.momentum(step)
-        self.teacher.update(self.student, m)
-        self.teacher_head.update(self.student_head, m)
+        for teacher, student in self.teacher_pairs():
+            teacher.update(student, m)
 
     def backbone(self) -> nn.Module:
         return self.teacher.net  # DINO evaluates the teacher
+
+    def student_backbone(self) -> nn.Module:
+        return self.student
+
+    def teacher_pairs(self) -> list[tuple[EMATeacher, nn.Module]]:
+        return [(self.teacher, self.student), (self.teacher_head, self.student_head)]
