@@ -1,8 +1,13 @@
 # Thin targets: each calls a Python entry point. PYTHON can point at a virtual environment.
 PYTHON ?= python
 DEMO ?= .demo
+# make gpu-report: every GPU check and benchmark in one time-boxed run (python -m train.gpu_report --help).
+# DEVICE=cpu is the dry run at tiny sizes; on a lent GPU: make gpu-report PYTHON=python3 OUT=$$OUT
+DEVICE ?= cuda
+BUDGET ?= 480
+OUT ?= gpu-report
 
-.PHONY: test demo bench clean-demo
+.PHONY: test demo bench clean-demo gpu-report
 
 test:
 	$(PYTHON) -m pytest -q tests
@@ -34,3 +39,6 @@ demo:
 
 clean-demo:
 	rm -rf $(DEMO)
+
+gpu-report:
+	$(PYTHON) -m train.gpu_report --device $(DEVICE) --budget $(BUDGET) --out $(OUT)
