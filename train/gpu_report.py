@@ -121,9 +121,12 @@ DRY_SIZES = Sizes(
               "--workers", "0"],
     baseline_t1=["--paths", "baseline", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--workers", "0"],
     h264=["--frames", "1", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--workers", "0", "--threads", "1"],
-    models=["--batch-size", "2", "--img-size", "32", "--steps", "1", "--warmup", "1", "--compile-backend", "eager"],
-    # torch.compile's tracing is most of a CPU row's time: ViT-B/16 only runs uncompiled rows.
-    model_variants={"vit_small_patch16": MODEL_VARIANTS["vit_small_patch16"],
+    # fp32: bf16 matmuls on a CPU without bf16 units are emulated, ~10x slower. torch.compile's tracing is
+    # most of a CPU row's time: ViT-S/16 runs the rows of the 1.1x target and one uncompiled row of each
+    # implementation, ViT-B/16 uncompiled rows only.
+    models=["--batch-size", "2", "--img-size", "32", "--steps", "1", "--warmup", "1", "--compile-backend", "eager",
+            "--precision", "fp32"],
+    model_variants={"vit_small_patch16": ["timm:sdpa+compile", "ours:auto+compile", "timm:eager", "ours:auto"],
                     "vit_base_patch16": ["timm:eager", "ours:auto"]},
     models_lp=["--lp-models", "vit_small_patch16", "--lp-size", "32", "32"],
     train=["--cpu", "--steps", "2", "--data.num_workers", "0"], train_batch=2,
@@ -620,7 +623,7 @@ def step_models(ctx: Context, section: Section, deadline: float) -> None:
                                         ratio(speed.get("ours:auto+compile"), speed.get("timm:sdpa+compile")),
                                         "x", ">=", 1.1))
     settings = " ".join(ctx.sizes.models)
-    section.table(f"Forward + backward, bf16 autocast ({settings}); ratios against the timm rows of this run.",
+    section.table(f"Forward + backward (models.bench {settings}; bf16 autocast unless --precision says otherwise); ratios against the timm rows of this run.",
                   ["model", "variant", "img/s", "vs timm eager", "vs timm SDPA", "vs timm SDPA+compile", "MFU",
                    "peak GiB", "note"], table)
     if labelprop:
