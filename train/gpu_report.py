@@ -295,6 +295,8 @@ class Runner:
 class Clock:
     """Deadlines: step k ends by start + budget x cumulative share; sub-runs split what a step has."""
 
+    MIN_ENVIRONMENT = 30.0
+
     def __init__(self, budget: float):
         self.start, self.budget = time.monotonic(), budget
         self.cumulative = {}
@@ -304,6 +306,8 @@ class Clock:
             self.cumulative[key] = total
 
     def step_deadline(self, key: str) -> float:
+        if key == "environment":    # importing torch takes seconds on a loaded machine: never starve it
+            return self.start + min(self.budget, max(self.budget * self.cumulative[key], self.MIN_ENVIRONMENT))
         return self.start + self.budget * self.cumulative[key]
 
     @staticmethod
