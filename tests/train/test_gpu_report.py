@@ -103,6 +103,9 @@ def test_rows_of_a_run_cut_short_are_read_from_its_progress_lines(tmp_path):
     rows, labelprop = model_rows(models, tmp_path / "absent.json")
     assert [(r["model"], r["variant"], r["img_per_s"]) for r in rows] == [
         ("vit_small_patch16", "timm:sdpa+compile", 7748.2)] and labelprop == []
+    verbose = "tests/pipeline/test_gpu.py::test_loader[jpeg_shards] PASSED  [ 10%]\ntests/x.py::test_y FAILED [20%]\n"
+    assert gpu_report.TEST_LINE.findall(verbose) == [("tests/pipeline/test_gpu.py::test_loader[jpeg_shards]", "PASSED"),
+                                                     ("tests/x.py::test_y", "FAILED")]
 
 
 def test_marks_and_pytest_summary(tmp_path):
