@@ -17,7 +17,8 @@ TITLES = [title for _, title, _ in gpu_report.STEPS]
 @pytest.mark.slow
 def test_cpu_dry_run_runs_every_step_and_writes_every_section(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    assert main(["--dry-run", "--budget", "900", "--out", str(out), "--work", str(work)]) == 0
+    # A budget no step reaches even on a loaded machine: the time boxes are tested on their own below.
+    assert main(["--dry-run", "--budget", "5000", "--out", str(out), "--work", str(work)]) == 0
     # The device tool brings back at most 8 files from $OUT: the report keeps to three.
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "steps.log"]
     md = (out / "report.md").read_text()
@@ -56,9 +57,11 @@ def test_cpu_dry_run_runs_every_step_and_writes_every_section(tmp_path):
     assert len(grids) == 2 and all(g["speedup"] > 0 and g["pixel_agreement"] > 0.99 for g in grids)
 
     measured = {t["name"]: t for t in report["targets"]}
-    for name in ("pipeline multicrop T=8, DALI vs baseline", "ViT-S/16 ours:auto+compile vs timm:sdpa+compile",
-                 "crw: data wait", "dino: peak memory at batch 2", "GPU tests failing"):
+    for name in ("pipeline multicrop T=8, DALI vs baseline", "crw: data wait", "dino: peak memory at batch 2",
+                 "GPU tests failing", "label propagation ViT-S/16 role, 7x13 vs DINO's script"):
         assert measured[name]["value"] is not None and measured[name]["passed"] is not None, name
+    # the dry run has no compiled rows: the 1.1x target is stated and left unmarked
+    assert measured["ViT-S/16 ours:auto+compile vs timm:sdpa+compile"]["passed"] is None
 
 
 def test_a_budget_too_small_skips_every_step_and_still_writes_every_section(tmp_path):
