@@ -22,6 +22,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a second, before main() imports torch, Accelerate and the objectives (several seconds).
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -125,6 +126,28 @@ def check_resumable(run_dir: Path, cfg: Config) -> None:
                               "a resumed run must keep it, or use a new --out")
 
 
+def check_cpu_memory(model, batch: dict, cfg: Config) -> None:
+    """Stop before the first step when it would not fit in the memory the machine has free, naming
+    the micro-batch that fits (CRW at the paper's batch 20 needs ~20 GB on a CPU)."""
+    from train.telemetry import available_memory_bytes, step_memory_bytes
+
+    available = available_memory_bytes()
+    if available is None:
+        return
+    per_sample, fixed = step_memory_bytes(model, batch, cfg.data.batch_size)
+    need = fixed + per_sample * cfg.data.batch_size
+    usable = 0.8 * available  # headroom for the loader, the allocator and the backward's temporaries
+    if need > usable:
+        fits = int((usable - fixed) // per_sample) if per_sample else 0
+        gib = 2**30
+        raise ConfigError(
+            f"--cpu: one step at data.batch_size {cfg.data.batch_size} needs about {need / gib:.1f} GiB "
+            f"({per_sample / gib:.2f} GiB per sample, measured), {available / gib:.1f} GiB are free: "
+            + (f"use --data.batch_size {fits} (with --optim.accum_steps "
+               f"{math.ceil(cfg.data.batch_size / fits)} for the same global batch)" if fits >= 1 else
+               "smaller views are needed (see `make demo` in the Makefile for settings that fit)"))
+
+
 def dump_nonfinite_batch(run_dir: Path, rank: int, step: int, batch: dict, logs: dict) -> Path:
     import torch
 
@@ -191,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         loader.load_state_dict(state["loader"])
         start = state["step"]
     batches = iter(loader)
+    if accelerator.device.type == "cpu":  # a GPU says "out of memory"; the kernel kills a CPU run silently
+        with torch.random.fork_rng(devices=[]):
+            first = next(batches)
+        check_cpu_memory(core, first, cfg)
+        batches = itertools.chain([first], batches)
 
     # Written only now that the run has started: a command that failed leaves the folder as it was.
     removed = []

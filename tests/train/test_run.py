@@ -271,3 +271,30 @@ def test_a_new_run_in_a_folder_holding_a_run_is_refused_until_resume_or_overwrit
     second = load_file(str(out / "checkpoints/step-000002/model.safetensors"))
     assert not all(torch.equal(first[k], second[k]) for k in first)
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_cpu_step_that_would_not_fit_in_memory_stops_first_naming_a_batch_that_fits(jpeg_shards, tmp_path,
+                                                                                       monkeypatch):
+    from train import telemetry
+
+    per_sample, fixed = {}, {}
+    measure = telemetry.step_memory_bytes
+
+    def measured(*args):
+        per_sample["bytes"], fixed["bytes"] = measure(*args)
+        return per_sample["bytes"], fixed["bytes"]
+
+    monkeypatch.setattr(telemetry, "step_memory_bytes", measured)
+    monkeypatch.setattr(telemetry, "available_memory_bytes", lambda: 10**12)
+    assert run.main(argv("crw", jpeg_shards, tmp_path / "fits", 1, "--data.batch_size", "4")) == 0
+    assert per_sample["bytes"] > 0 and fixed["bytes"] > 0
+    # Free memory for the fixed part and 2.5 samples (at 80 % use): a batch of 4 does not fit, 2 does.
+    free = (fixed["bytes"] + 2.5 * per_sample["bytes"]) / 0.8
+    monkeypatch.setattr(telemetry, "available_memory_bytes", lambda: int(free))
+    out = tmp_path / "run"
+    with pytest.raises(run.ConfigError, match=r"--cpu: one step at data.batch_size 4 needs about .* GiB per sample, "
+                                              r"measured\), .* free: use --data.batch_size 2 \(with "
+                                              r"--optim.accum_steps 2 for the same global batch\)"):
+        run.main(argv("crw", jpeg_shards, out, 1, "--data.batch_size", "4"))
+    assert not out.exists()
+    assert run.main(argv("crw", jpeg_shards, out, 1, "--data.batch_size", "2", "--optim.accum_steps", "2")) == 0
