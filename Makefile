@@ -1,11 +1,12 @@
 # Thin targets: each calls a Python entry point.
 #
 # `make test` and `make demo` find or create their environment: a virtual environment in $(VENV)
-# (default .venv) with the pinned torch installed first, then this project with its [gpu,dev] extras;
+# (default .venv) with the pinned torch installed first, then this project with its $(EXTRAS) extras;
 # the installation is redone only when pyproject.toml changes (the stamp file). Managing your own
 # environment? Pass its interpreter, `make test PYTHON=python3`: nothing is installed then.
 VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= gpu,dev
 ifeq ($(origin PYTHON),undefined)
 PYTHON := $(VENV)/bin/python
 ENV := $(VENV)/.densevid-installed
@@ -19,7 +20,7 @@ DEMO ?= .demo
 $(VENV)/.densevid-installed: pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q $(TORCH)
-	$(VENV)/bin/python -m pip install -q -e '.[gpu,dev]'
+	$(VENV)/bin/python -m pip install -q -e '.[$(EXTRAS)]'
 	$(VENV)/bin/python -c "import torch, av, webdataset; print('environment $(VENV): torch', torch.__version__, '| av', av.__version__)"
 	touch $@
 
