@@ -1,5 +1,18 @@
-# Thin targets: each calls a Python entry point. PYTHON can point at a virtual environment.
-PYTHON ?= python
+# Thin targets: each calls a Python entry point.
+#
+# `make test` and `make demo` find or create their environment: a virtual environment in $(VENV)
+# (default .venv) with the pinned torch installed first, then this project with its $(EXTRAS) extras;
+# the installation is redone only when pyproject.toml changes (the stamp file). Managing your own
+# environment? Pass its interpreter, `make test PYTHON=python3`: nothing is installed then.
+VENV ?= .venv
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= gpu,dev
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(VENV)/bin/python
+ENV := $(VENV)/.densevid-installed
+else
+ENV :=
+endif
 DEMO ?= .demo
 # make gpu-report: every GPU check and benchmark in one time-boxed run (python -m train.gpu_report --help).
 # DEVICE=cpu is the dry run at tiny sizes; on a lent GPU: make gpu-report PYTHON=python3 OUT=$$OUT
@@ -9,12 +22,22 @@ OUT ?= gpu-report
 
 .PHONY: test demo bench clean-demo gpu-report
 
-test:
-	$(PYTHON) -m pytest -q tests
+$(VENV)/.densevid-installed: pyproject.toml
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q $(TORCH)
+	$(VENV)/bin/python -m pip install -q -e '.[$(EXTRAS)]'
+	$(VENV)/bin/python -c "import torch, av, webdataset; print('environment $(VENV): torch', torch.__version__, '| av', av.__version__)"
+	touch $@
 
-# The whole flow on the embedded synthetic data, on a CPU in a few minutes. Rerunning resumes:
+# Every test, the slow end-to-end ones included (CI runs this target). `make test PYTEST_ARGS='-m "not slow"'`
+# skips those for a quick check. Exit 5 (no test collected) fails like any other failure.
+PYTEST_ARGS ?=
+test: $(ENV)
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
+
+# The whole flow on the embedded synthetic data, on a CPU. Rerunning resumes:
 # packing finds its finished datasets and training continues its run directories.
-demo:
+demo: $(ENV)
 	$(PYTHON) shard_tools/synth.py --out $(DEMO)/raw --videos 12 --classes 3 --davis 2 --frames 32
 	$(PYTHON) shard_tools/pack.py --kind videos --src $(DEMO)/raw/videos --out $(DEMO)/shards/train \
 	    --fps 25 --short-side 96 --shard-size 2e6 --workers 2 --quiet

@@ -93,8 +93,9 @@ class DavisFolder:
         self.masks_dir = self.root / masks_folder / resolution
         if not self.frames_dir.is_dir():
             raise FileNotFoundError(
-                f"{self.frames_dir} does not exist: --davis must point at a DAVIS-layout folder "
-                f"(JPEGImages/{resolution}/<sequence>/*.jpg and {masks_folder}/{resolution}/<sequence>/*.png)")
+                f"{self.frames_dir} does not exist: --data must be a DAVIS-layout folder "
+                f"(JPEGImages/{resolution}/<sequence>/*.jpg and {masks_folder}/{resolution}/<sequence>/*.png) "
+                "or evaluation shards from `shard_tools/pack.py --kind frames`")
         if not self.masks_dir.is_dir():
             raise FileNotFoundError(f"{self.masks_dir} does not exist: the {task} task needs its masks there")
         subset_file = self.root / "ImageSets" / "2017" / f"{subset}.txt"

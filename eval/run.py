@@ -28,6 +28,8 @@ from PIL import Image
 from eval import clustering, davis_metrics, discovery, knn_linear, label_prop, visualize
 from eval.davis_io import open_sequences, read_mask, write_mask
 from eval.features import dense_feature_fn, feature_stride, global_descriptor, load_backbone
+from shard_tools.cli import fail
+from shard_tools.manifest import MANIFEST
 
 
 def default_out(ckpt: str, command: str) -> Path:
@@ -227,8 +229,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What --data must be for each command: evaluation data (DAVIS folder or eval shards), or labelled shards.
+LABELLED = ("knn", "linear")
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Fail before loading anything, with the flag that is wrong and what it must be."""
+    if not Path(args.ckpt).exists():
+        raise UsageError(f"--ckpt {args.ckpt}: no such file or folder (a run directory, an exported "
+                         ".safetensors or an official checkpoint)")
+    for flag in ("data", "val_data"):
+        data = getattr(args, flag, None)
+        if data is None:
+            continue
+        data, name = Path(data), "--" + flag.replace("_", "-")
+        if args.command in LABELLED:
+            if not (data / MANIFEST).is_file():
+                raise UsageError(f"{name} {data}: no {MANIFEST}; pass labelled shards from "
+                                 "`shard_tools/pack.py --kind videos`")
+        elif not (data / MANIFEST).is_file() and not (data / "JPEGImages").is_dir():
+            raise UsageError(f"{name} {data}: neither evaluation shards ({MANIFEST}) nor a DAVIS-layout folder "
+                             "(JPEGImages/480p/<sequence>/); pack one with `shard_tools/pack.py --kind frames`")
+
+
+class UsageError(Exception):
+    """A command line that cannot work: one line on stderr, exit status 2."""
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    check_inputs(args)
     args.out = Path(args.out) if args.out else default_out(args.ckpt, args.command)
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -244,4 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as err:
+        sys.exit(fail(str(err)))

@@ -8,7 +8,19 @@
 DALI is imported only by `pipeline.dali`, when the DALI backend is used.
 """
 from pipeline.config import DataConfig
-from pipeline.loader import Loader, build_loader
-from pipeline.views import ViewSpec
 
 __all__ = ["DataConfig", "ViewSpec", "Loader", "build_loader"]
+
+
+def __getattr__(name: str):
+    """The torch-backed names are imported on first use: `import pipeline` (and `DataConfig`) stay
+    cheap for command lines that are checked before torch is imported."""
+    if name in ("Loader", "build_loader"):
+        from pipeline import loader
+
+        return getattr(loader, name)
+    if name == "ViewSpec":
+        from pipeline.views import ViewSpec
+
+        return ViewSpec
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -1,15 +1,18 @@
-"""`DataConfig`: where the shards are and how to load them (the `train` config's `data` block)."""
+"""`DataConfig`: where the shards are and how to load them (the `train` config's `data` block).
+
+Importable without torch, so that train/run.py checks a command line before paying for it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 BACKENDS = ("auto", "dali", "cpu")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes
 
 
 def _default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -49,7 +52,7 @@ class DataConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"DataConfig.backend={self.backend!r}: choose one of {BACKENDS}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"DataConfig.dtype={self.dtype!r}: choose one of {tuple(DTYPES)}")
+            raise ValueError(f"DataConfig.dtype={self.dtype!r}: choose one of {DTYPES}")
         if self.batch_size < 1:
             raise ValueError(f"DataConfig.batch_size={self.batch_size}: must be >= 1")
         if self.num_workers < 0 or self.num_threads < 1:

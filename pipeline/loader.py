@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 
 from pipeline import params as P
-from pipeline.config import DTYPES, DataConfig
+from pipeline.config import DataConfig
 from pipeline.fallback import CpuBatches
 from pipeline.reader import ShardDataset
 from pipeline.source import ClipSource
@@ -62,7 +62,7 @@ class Loader:
         self.source = ClipSource(self.dataset, spec, rank, world_size, cfg.seed, shuffle=cfg.shuffle_buffer != 0)
         self.backend = resolve_backend(cfg, self.dataset.format)
         self.device = torch.device(cfg.device)
-        self.dtype = DTYPES[cfg.dtype] if self.device.type == "cuda" else torch.float32
+        self.dtype = getattr(torch, cfg.dtype) if self.device.type == "cuda" else torch.float32
         self.position = 0            # stream position of the next sample this rank yields
         self.skipped: Counter[str] = Counter()
         log.info("pipeline: %s, %d usable samples, rank %d/%d reads %d per epoch, backend %s on %s",

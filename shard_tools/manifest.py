@@ -28,7 +28,7 @@ def load_manifest(out_dir: str | os.PathLike, require_complete: bool = True) -> 
     path = out_dir / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {out_dir} is not a packed dataset; "
-                                "create it with `python shard_tools/pack.py --src ... --out {out_dir}`")
+                                f"create it with `python shard_tools/pack.py --src SOURCES --out {out_dir}`")
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if require_complete and not manifest.get("complete"):
         raise ValueError(f"{path}: packing did not finish; rerun the same pack.py command to resume")

@@ -35,6 +35,7 @@ import PIL  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import shard_tools  # noqa: E402
+from shard_tools.cli import ArgumentParser  # noqa: E402
 from shard_tools.encode import FORMATS, BadInput, EncodeSettings  # noqa: E402
 from shard_tools.keys import sample_key, sanitize_key  # noqa: E402
 from shard_tools.manifest import MANIFEST, write_manifest  # noqa: E402
@@ -50,8 +51,18 @@ class UsageError(Exception):
     """Bad arguments or an output folder pack.py must not touch: reported, exit status 2."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and the default of every option that has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        shown = f"{action.default:g}" if isinstance(action.default, float) else action.default
+        return f"{action.help} (default: {shown})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="shard_tools/pack.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--kind", choices=KINDS, required=True,
                    help="videos: a tree of video files, labels from class folders or --labels; "
                         "frames: folders of JPEG frames (JPEGImages/<video>/, optional Annotations/<video>/ "
@@ -155,8 +166,10 @@ def pack_source(job: tuple[dict, Source, int | None, str, int]) -> dict:
     except Exception as err:  # noqa: BLE001  one bad file must never crash the run: report it instead
         error, samples = f"unexpected {type(err).__name__}: {err}", []
     tar.close()
+    info = stats.get("source_info") or {}
     record = {"source": source.rel, "video_id": source.video_id, "samples": samples,
               "frames": sum(s["nframes"] for s in samples), "error": error,
+              "source_size": [info["width"], info["height"]] if "width" in info else None,
               "tail_frames_dropped": stats.get("tail_frames_dropped", 0) if samples else 0}
     if samples:
         os.replace(tar.path, tar_path)
@@ -267,7 +280,18 @@ def run(args: argparse.Namespace) -> int:
           f"{len(skipped)} inputs skipped" + (f" (see {out / MANIFEST})" if skipped else ""))
     for item in skipped:
         print(f"  skipped {item['path']}: {item['reason']}", file=sys.stderr)
+    warn_upscaled(records, args.short_side)
     return 0 if samples else 1
+
+
+def warn_upscaled(records: list[dict], short_side: int) -> None:
+    """Say when --short-side enlarged sources: upscaled frames cost disk and decode time, add no detail."""
+    small = [r for r in records if r["samples"] and r.get("source_size") and min(r["source_size"]) < short_side]
+    if short_side and small:
+        w, h = small[0]["source_size"]
+        print(f"warning: {len(small)} of {len(records)} source(s) are smaller than --short-side {short_side} and "
+              f"were upscaled (e.g. {small[0]['source']}, {w}x{h}); pass --short-side {min(w, h)} (or 0) to keep "
+              "their size", file=sys.stderr)
 
 
 def _iter_samples(record: dict):

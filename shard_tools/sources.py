@@ -210,14 +210,17 @@ def list_frames(folder: Path) -> list[Path]:
 
 def frame_folder_segments(folder: Path, settings: EncodeSettings, clip_frames: int | None,
                           stats: dict) -> Iterator[Segment]:
-    """Re-encode a frame folder (each JPEG one frame at the declared `--fps`) into segments."""
+    """Re-encode a frame folder (each JPEG one frame at the declared `--fps`) into segments.
+    `stats["source_info"]` gets the frames' size."""
     paths = list_frames(folder)
 
     def frames() -> Iterator[np.ndarray]:
         first = None
         for p in paths:
             image = _load_image(p.read_bytes(), p)
-            first = first or image.size
+            if first is None:
+                first = image.size
+                stats["source_info"] = {"width": first[0], "height": first[1]}
             if image.size != first:
                 raise BadInput(f"frame {p.name} is {image.size[0]}x{image.size[1]}, the first is {first[0]}x{first[1]}")
             yield resize_rgb(image, settings.short_side)

@@ -1,4 +1,4 @@
-"""Atomic checkpoints of a run, resume lookup, and stopping cleanly on SIGTERM / SIGINT.
+"""Atomic checkpoints of a run and stopping cleanly on SIGTERM / SIGINT (lookup: train/rundir.py).
 
 A checkpoint is ``<run>/checkpoints/step-000100/``: Accelerate's state (model, optimiser, every
 rank's RNG) plus one ``trainer-rank<r>.pt`` per rank (step, loader position, world size). It is
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import signal
 from pathlib import Path
@@ -19,35 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-CHECKPOINT_DIR = "checkpoints"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR / f"step-{step:06d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
-    root = Path(run_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def find_resume_checkpoint(resume: str, run_dir: Path) -> Path | None:
-    """``auto``: the run's latest checkpoint, or None for a fresh run; else an explicit folder."""
-    if resume == "none":
-        return None
-    if resume == "auto":
-        found = list_checkpoints(run_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "trainer-rank0.pt").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a densevid checkpoint folder (no trainer-rank0.pt); "
-                                f"pass a {CHECKPOINT_DIR}/step-NNNNNN folder or 'auto'")
-    return path
+from train.rundir import checkpoint_path, list_checkpoints
 
 
 def weights_digest(module: torch.nn.Module) -> str:

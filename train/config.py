@@ -2,7 +2,10 @@
 
 Every section is a dataclass whose fields carry their help text as attribute docstrings; the
 command line gets one ``--section.field`` option per field, generated from these classes. A key
-that no section knows fails fast, naming where it came from and the valid keys.
+that no section knows fails fast, naming where it came from and the closest valid key.
+
+Importing this module does not import torch: train/run.py checks a whole command line (every section
+but the method's own, whose dataclass lives with the objective) before paying for torch.
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline import DataConfig
-from train.objectives import OBJECTIVES
+from pipeline.config import DataConfig
+from shard_tools.cli import ArgumentParser, did_you_mean
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Every method has its YAML of defaults; listing them needs no import of the objectives (torch).
+METHODS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
 
 
 class ConfigError(ValueError):
@@ -224,74 +229,138 @@ def build_section(cls: type, values: dict[str, Any], where: str, prefix: str) ->
         raise ConfigError(f"{where}: {err}") from None
 
 
+def objective_class(method: str) -> type:
+    """The objective registered as ``method`` (this imports torch and the models)."""
+    from train.objectives import OBJECTIVES
+
+    return OBJECTIVES[method]
+
+
+def _unknown_keys(section: str, unknown: list[str], known: set[str], where: str) -> ConfigError:
+    dash = "--" if where == "command line" else ""
+    names = [f"{dash}{section}.{k}" for k in unknown]
+    hint = did_you_mean(names[0], [f"{dash}{section}.{k}" for k in sorted(known)])
+    return ConfigError(f"{where}: unknown key(s) {', '.join(names)}{hint} "
+                       f"(valid keys of '{section}': {', '.join(sorted(known))})")
+
+
 def _merge(into: dict[str, dict], layer: dict[str, Any], where: str, method: str,
-           tables: dict[str, type]) -> None:
-    """Merge one layer (``section: {key: value}``) into the accumulated values; unknown keys fail."""
+           tables: dict[str, type], origin: dict[tuple[str, str], str]) -> None:
+    """Merge one layer (``section: {key: value}``) into the accumulated values; unknown keys fail.
+
+    A section without a table (the method's own, before its dataclass is imported) is merged
+    unchecked; ``origin`` remembers where each key came from, for the check made later.
+    """
     for section, values in (layer or {}).items():
         if section == "method":
             if values != method:
                 raise ConfigError(f"{where}: method {values!r} does not match --method {method}")
             continue
         if section not in into:
-            raise ConfigError(f"{where}: unknown section '{section}'; valid: {', '.join(into)}")
+            raise ConfigError(f"{where}: unknown section '{section}'{did_you_mean(section, list(into))}; "
+                              f"valid: {', '.join(into)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: section '{section}' must be a mapping of key: value")
-        known = {f.name for f in dataclasses.fields(tables[section])}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
-                              f"valid keys of '{section}': {', '.join(sorted(known))}")
+        if section in tables:
+            known = {f.name for f in dataclasses.fields(tables[section])}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise _unknown_keys(section, unknown, known, where)
         into[section].update(values)
+        origin.update({(section, key): where for key in values})
 
 
-def load_config(method: str, config_file: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(method: str, config_file: str | None = None, overrides: dict[str, Any] | None = None,
+                *, objective: bool = True) -> Config:
     """Resolve the configuration of ``method``: defaults, method YAML, user YAML, then overrides.
 
     ``overrides`` maps dotted keys (``optim.lr``, ``crw.temperature``) to values or strings.
+    ``objective=False`` stops before the method's own section (``cfg.objective`` is None): everything
+    but that section is checked without importing torch, which is what train/run.py does first.
     """
-    if method not in OBJECTIVES:
-        raise ConfigError(f"unknown method {method!r}; available: {', '.join(sorted(OBJECTIVES))}")
-    tables = {**SECTIONS, method: OBJECTIVES[method].Config}
-    values: dict[str, dict] = {name: {} for name in tables}
-    method_yaml = CONFIG_DIR / f"{method}.yaml"
-    _merge(values, yaml.safe_load(method_yaml.read_text()), str(method_yaml), method, tables)
-    if config_file:
-        _merge(values, yaml.safe_load(Path(config_file).read_text()), config_file, method, tables)
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}{did_you_mean(method, list(METHODS))}; "
+                          f"available: {', '.join(METHODS)}")
+    values: dict[str, dict] = {name: {} for name in (*SECTIONS, method)}
+    origin: dict[tuple[str, str], str] = {}
+    # data.device is set by train/run.py from the launcher; "cpu" until then, so that building the
+    # section does not ask torch for a GPU.
+    values["data"]["device"] = "cpu"
     command_line: dict[str, dict] = {}
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         if not name:
             raise ConfigError(f"override {key}: expected <section>.<key>")
         command_line.setdefault(section, {})[name] = value
-    _merge(values, command_line, "command line", method, tables)
-    built = {n: build_section(cls, values[n], "configuration", f"{n}.") for n, cls in tables.items()}
-    objective = built.pop(method)
-    cfg = Config(method=method, objective=objective, **built)
-    cfg.model.arch = cfg.model.arch or OBJECTIVES[method].default_arch
+    method_yaml = CONFIG_DIR / f"{method}.yaml"
+    layers = [(str(method_yaml), method_yaml), (config_file, config_file and Path(config_file))]
+    for where, path in layers:
+        if path:
+            if not path.is_file():
+                raise ConfigError(f"--config {where}: no such file")
+            _merge(values, yaml.safe_load(path.read_text()), where, method, SECTIONS, origin)
+    _merge(values, command_line, "command line", method, SECTIONS, origin)
+    built = {n: build_section(cls, values[n], "configuration", f"{n}.") for n, cls in SECTIONS.items()}
+    cfg = Config(method=method, **built)
+    if not objective:
+        return cfg
+    objective_cls = objective_class(method)
+    known = {f.name for f in dataclasses.fields(objective_cls.Config)}
+    for key in values[method]:
+        if key not in known:
+            where = origin[(method, key)]
+            raise _unknown_keys(method, [k for k in values[method] if k not in known and origin[(method, k)] == where],
+                                known, where)
+    cfg.objective = build_section(objective_cls.Config, values[method], "configuration", f"{method}.")
+    cfg.model.arch = cfg.model.arch or objective_cls.default_arch
     return cfg
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--section.key`` option per field of every section and every method's section."""
-    tables = {**SECTIONS, **{name: obj.Config for name, obj in OBJECTIVES.items()}}
+def config_tables(method: str | None) -> dict[str, type]:
+    """Every section's dataclass: the shared ones and ``method``'s own (every method's when None)."""
+    from train.objectives import OBJECTIVES
+
+    return {**SECTIONS, **{name: obj.Config for name, obj in OBJECTIVES.items() if method in (None, name)}}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, tables: dict[str, type],
+                         defaults: dict[str, dict] | None = None) -> None:
+    """One ``--section.key`` option per field of every table; ``defaults`` (a ``Config.to_dict()``,
+    e.g. the method's YAML resolved) are the defaults shown, else the dataclasses' own."""
     for section, cls in tables.items():
-        group = parser.add_argument_group(
-            f"{section} options", f"{(cls.__doc__ or '').strip()} Defaults shown are the built-in "
-            "ones; train/configs/<method>.yaml overrides some of them.")
+        shown = (defaults or {}).get(section)
+        origin = ("this method's, from train/configs/<method>.yaml over the built-in ones" if shown
+                  else "the built-in ones; train/configs/<method>.yaml overrides some of them (--method M "
+                       "--help shows M's)")
+        group = parser.add_argument_group(f"{section} options", f"{(cls.__doc__ or '').strip()} "
+                                          f"Defaults shown are {origin}.")
         helps = field_help(cls)
         for f in dataclasses.fields(cls):
             if (section, f.name) in DERIVED:
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else None
+            default = shown[f.name] if shown else (f.default if f.default is not dataclasses.MISSING else None)
             group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=argparse.SUPPRESS,
                                metavar=f.name.upper(), help=f"{helps.get(f.name, '')} (default: {default})")
 
 
-def overrides_from_args(args: argparse.Namespace, method: str) -> dict[str, Any]:
-    """The ``--section.key`` options given on the command line; other methods' options fail fast."""
+def overrides_from_args(args: argparse.Namespace, extras: list[str], method: str,
+                        parser: "ArgumentParser") -> dict[str, Any]:
+    """The ``--section.key`` options given: those ``parser`` knows, plus ``--<method>.key VALUE`` pairs
+    it left in ``extras`` (checked once the method's dataclass is loaded). Other methods' options and
+    anything else unknown fail here, before torch is imported."""
     given = {k: v for k, v in vars(args).items() if "." in k}
-    for key in given:
-        section = key.split(".")[0]
-        if section in OBJECTIVES and section != method:
-            raise ConfigError(f"--{key} belongs to method '{section}' but --method is {method}")
+    rest = list(extras)
+    while rest:
+        option = rest.pop(0)
+        name, eq, value = option.partition("=")
+        section = name[2:].split(".")[0] if name.startswith("--") and "." in name else None
+        if section in METHODS and section != method:
+            raise ConfigError(f"{name} belongs to method '{section}' but --method is {method}")
+        if section != method:
+            raise ConfigError(parser.unrecognized([option, *rest]))
+        if not eq:
+            if not rest or rest[0].startswith("--"):
+                raise ConfigError(f"{name}: expected a value")
+            value = rest.pop(0)
+        given[name[2:]] = value
     return given

@@ -13,65 +13,105 @@ Every rank reads a disjoint part of the shards; the global batch is data.batch_s
 optim.accum_steps and the peak LR is scaled to it explicitly (optim.lr_scaling). The run directory
 gets config.yaml, versions.json, checkpoints/step-NNNNNN/, backbone.safetensors, tb/, log.jsonl.
 """
+from __future__ import annotations
+
 import os, sys  # noqa: E401  (run as a script: make the repository root importable, not this folder)
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Only light imports here: the command line, the dataset and the run directory are checked in about
+# a second, before main() imports torch, Accelerate and the objectives (several seconds).
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import torch  # noqa: E402
 import yaml  # noqa: E402
-from accelerate import Accelerator, DistributedDataParallelKwargs  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from models.io import export_backbone  # noqa: E402
-from pipeline import build_loader  # noqa: E402
+from shard_tools.cli import EXIT_USAGE, ArgumentParser  # noqa: E402
 from shard_tools.manifest import load_manifest  # noqa: E402
-from train.checkpoint import GracefulStop, find_resume_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from train.config import Config, ConfigError, add_config_arguments, load_config, overrides_from_args  # noqa: E402
-from train.finetune import backbone_lr_mult, prepare_backbone  # noqa: E402
-from train.objectives import OBJECTIVES  # noqa: E402
-from train.optim import clip_gradients_, cosine_schedule, param_groups, scaled_lr, set_lr_wd  # noqa: E402
-from train.telemetry import Telemetry, Throughput, collect_versions, peak_flops, peak_memory_gib  # noqa: E402
+from train.config import (METHODS, SECTIONS, Config, ConfigError, add_config_arguments, config_tables,  # noqa: E402
+                          load_config, overrides_from_args)
+from train.rundir import RunDirError, check_run_dir, clear_run, find_resume_checkpoint  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Settings a resumed run must share with the run it continues (others, e.g. run.steps, may change).
 MUST_MATCH = ("method", "model")
-EXIT_NONFINITE = 3
+# Exit statuses besides 0 (done) and 2 (bad command line, configuration, dataset or run directory).
+EXIT_NONFINITE = 3  # a non-finite loss or gradient; the last good checkpoint is kept
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM / SIGINT after a checkpoint; requeue with --resume auto
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", required=True, choices=sorted(OBJECTIVES), help="objective to train")
+def build_parser(tables: dict[str, type], defaults: dict[str, dict] | None = None) -> ArgumentParser:
+    parser = ArgumentParser(prog="train/run.py", description=__doc__, add_help=False,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-h", "--help", action="store_true",
+                        help="show this help and exit; with --method M, M's options and its YAML defaults")
+    parser.add_argument("--method", required=True, choices=METHODS, help="objective to train")
     parser.add_argument("--data", help="dataset folder from shard_tools/pack.py (same as --data.path)")
     parser.add_argument("--out", required=True, help="run directory (created; reused by --resume auto)")
     parser.add_argument("--steps", type=int, help="optimiser steps of the whole run (same as --run.steps)")
     parser.add_argument("--config", help="YAML file layered over train/configs/<method>.yaml")
     parser.add_argument("--resume", default="none",
                         help="'auto': continue from the run's latest checkpoint if any; a checkpoint "
-                             "folder: start from it; 'none' (default): start fresh")
+                             "folder: start from it; 'none' (default): start fresh, which a folder that "
+                             "already holds a run refuses unless --overwrite is given")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --out that holds a previous run: its checkpoints, logs, "
+                             "exported backbone and eval results are deleted first")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is visible")
     parser.add_argument("--report", action="store_true",
                         help="measure FLOPs on the first step and write throughput.json (samples/s, "
                              "data-wait %%, MFU, peak memory) at the end")
     parser.add_argument("--peak-tflops", type=float,
                         help="device peak for MFU in TFLOP/s (default: known bf16 peak of the GPU)")
-    add_config_arguments(parser)
-    return parser.parse_args(argv)
+    add_config_arguments(parser, tables, defaults)
+    return parser
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
-    overrides = overrides_from_args(args, args.method)
+def print_help(argv: list[str]) -> None:
+    """--help: with --method, that method's options and defaults (its YAML over the dataclasses)."""
+    first = ArgumentParser(add_help=False)
+    first.add_argument("--method", choices=METHODS)
+    first.add_argument("--config")
+    known, _ = first.parse_known_args(argv)
+    defaults = load_config(known.method, known.config, {"data.path": "DIR"}).to_dict() if known.method else None
+    build_parser(config_tables(known.method), defaults).print_help()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """The flags and the ``--section.key`` overrides, checked without torch (the method's own keys,
+    e.g. --crw.size, are checked once its dataclass is imported)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in argv or "--help" in argv:
+        print_help(argv)
+        raise SystemExit(0)
+    parser = build_parser(SECTIONS)
+    args, extras = parser.parse_known_args(argv)
+    overrides = overrides_from_args(args, extras, args.method, parser)
     if args.data:
         overrides["data.path"] = args.data
     if args.steps is not None:
         overrides["run.steps"] = args.steps
-    return load_config(args.method, args.config, overrides)
+    return args, overrides
+
+
+def check_start(args: argparse.Namespace, overrides: dict) -> tuple[int, Path | None]:
+    """Everything a run needs that is checkable before torch: the configuration but the method's own
+    section, the dataset and the run directory. Returns the dataset's sample count and the
+    checkpoint to resume from (None: a fresh start)."""
+    cfg = load_config(args.method, args.config, overrides, objective=False)
+    try:
+        manifest = load_manifest(cfg.data.path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"--data: {err}") from None
+    if manifest["samples"] == 0:
+        raise ConfigError(f"--data {cfg.data.path}: the dataset holds no samples (manifest.json lists why each "
+                          "source was skipped); repack it from sources pack.py can read")
+    check_run_dir(Path(args.out), args.resume, args.overwrite)
+    return manifest["samples"], find_resume_checkpoint(args.resume, Path(args.out))
 
 
 def check_resumable(run_dir: Path, cfg: Config) -> None:
@@ -86,7 +126,31 @@ def check_resumable(run_dir: Path, cfg: Config) -> None:
                               "a resumed run must keep it, or use a new --out")
 
 
+def check_cpu_memory(model, batch: dict, cfg: Config) -> None:
+    """Stop before the first step when it would not fit in the memory the machine has free, naming
+    the micro-batch that fits (CRW at the paper's batch 20 needs ~20 GB on a CPU)."""
+    from train.telemetry import available_memory_bytes, step_memory_bytes
+
+    available = available_memory_bytes()
+    if available is None:
+        return
+    per_sample, fixed = step_memory_bytes(model, batch, cfg.data.batch_size)
+    need = fixed + per_sample * cfg.data.batch_size
+    usable = 0.8 * available  # headroom for the loader, the allocator and the backward's temporaries
+    if need > usable:
+        fits = int((usable - fixed) // per_sample) if per_sample else 0
+        gib = 2**30
+        raise ConfigError(
+            f"--cpu: one step at data.batch_size {cfg.data.batch_size} needs about {need / gib:.1f} GiB "
+            f"({per_sample / gib:.2f} GiB per sample, measured), {available / gib:.1f} GiB are free: "
+            + (f"use --data.batch_size {fits} (with --optim.accum_steps "
+               f"{math.ceil(cfg.data.batch_size / fits)} for the same global batch)" if fits >= 1 else
+               "smaller views are needed (see `make demo` in the Makefile for settings that fit)"))
+
+
 def dump_nonfinite_batch(run_dir: Path, rank: int, step: int, batch: dict, logs: dict) -> Path:
+    import torch
+
     path = run_dir / f"nonfinite-step-{step:06d}-rank{rank}.pt"
     torch.save({"step": step, "batch": {k: v.cpu() for k, v in batch.items()},
                 "logs": {k: float(v) for k, v in logs.items()}}, path)
@@ -94,8 +158,24 @@ def dump_nonfinite_batch(run_dir: Path, rank: int, step: int, batch: dict, logs:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cfg = resolve_config(args)
+    args, overrides = parse_args(argv)
+    samples, resume_from = check_start(args, overrides)
+
+    # The command line, the dataset and the run directory are good: only now pay for torch.
+    import torch
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.io import export_backbone
+    from pipeline import build_loader
+    from train.checkpoint import GracefulStop, load_checkpoint, save_checkpoint
+    from train.finetune import backbone_lr_mult, prepare_backbone
+    from train.objectives import OBJECTIVES
+    from train.optim import clip_gradients_, cosine_schedule, param_groups, scaled_lr, set_lr_wd
+    from train.telemetry import Telemetry, Throughput, collect_versions, peak_memory_gib
+
+    cfg = load_config(args.method, args.config, overrides)  # now with the method's own section
     use_bf16 = cfg.run.precision == "bf16" and torch.cuda.is_available() and not args.cpu
     if cfg.data.dtype != "float32" and not use_bf16:
         # Half-precision views meet float32 weights at the first layer unless autocast casts them.
@@ -106,17 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = accelerator.process_index, accelerator.num_processes
     cfg.data.device = str(accelerator.device)  # the launcher decides; recorded in config.yaml below
     run_dir = Path(args.out)
-    resume_from = find_resume_checkpoint(args.resume, run_dir)
     if resume_from is not None:
         check_resumable(run_dir, cfg)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.dump(run_dir / "config.yaml")
-        (run_dir / "versions.json").write_text(json.dumps(collect_versions(REPO_ROOT), indent=2) + "\n")
 
     # Epoch length from the manifest: schedules are written in epochs, training counts steps.
     global_batch = cfg.data.batch_size * world * cfg.optim.accum_steps
-    samples = load_manifest(cfg.data.path)["samples"]
     steps_per_epoch = max(samples // global_batch, 1)
     total = cfg.run.steps
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
@@ -140,15 +214,31 @@ def main(argv: list[str] | None = None) -> int:
         loader.load_state_dict(state["loader"])
         start = state["step"]
     batches = iter(loader)
+    if accelerator.device.type == "cpu":  # a GPU says "out of memory"; the kernel kills a CPU run silently
+        with torch.random.fork_rng(devices=[]):
+            first = next(batches)
+        check_cpu_memory(core, first, cfg)
+        batches = itertools.chain([first], batches)
+
+    # Written only now that the run has started: a command that failed leaves the folder as it was.
+    removed = []
+    if accelerator.is_main_process:
+        removed = clear_run(run_dir) if args.overwrite else []
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.dump(run_dir / "config.yaml")
+        (run_dir / "versions.json").write_text(json.dumps(collect_versions(REPO_ROOT), indent=2) + "\n")
+    accelerator.wait_for_everyone()
 
     telemetry = Telemetry(run_dir, accelerator.is_main_process, start, total)
+    if removed:
+        telemetry.print(f"--overwrite: removed the previous run's {', '.join(removed)} from {run_dir}")
     telemetry.print(f"{cfg.method} | {cfg.model.arch} | {world} process(es) on {accelerator.device} | "
                     f"global batch {global_batch} | peak lr {peak_lr:.3g} | {steps_per_epoch} steps/epoch | "
                     + (f"resumed from {resume_from}" if resume_from else "fresh start") + f" | {weights}")
     throughput = Throughput(global_batch, skip_steps=min(10, max(total - start, 1) // 5))
     flops_per_step = None
     window: dict[str, torch.Tensor] = {}  # sums of the logged scalars since the last record
-    window_steps, step, t_start = 0, start, time.perf_counter()
+    window_steps, step, t_start, stopped_by = 0, start, time.perf_counter(), None
     with GracefulStop() as stop:
         while step < total:
             t_step = time.perf_counter()
@@ -221,12 +311,13 @@ def main(argv: list[str] | None = None) -> int:
                 if accelerator.is_main_process:  # written to a temporary name, then renamed
                     export_backbone(core.backbone(), run_dir / "backbone.safetensors")
             if stopping:
-                telemetry.print(f"stopped by {stop.requested or 'another rank'} at step {step}; "
-                                "continue with --resume auto")
+                stopped_by = stop.requested or "another rank"
                 break
 
-    telemetry.print(f"{step - start} steps in {time.perf_counter() - t_start:.0f} s; backbone: "
-                    f"{run_dir / 'backbone.safetensors'}")
+    telemetry.print((f"stopped by {stopped_by} at step {step} of {total} (exit {EXIT_INTERRUPTED}); continue with "
+                     "--resume auto; " if stopped_by else "done: ")
+                    + f"{step - start} steps in {time.perf_counter() - t_start:.0f} s, "
+                    + (f"last loss {step_loss.item():.4g}; " if step > start else "") + f"backbone: {run_dir / 'backbone.safetensors'}")
     if loader.skipped:  # unreadable samples were replaced by others; say which, never silently
         print(f"rank {rank} skipped {sum(loader.skipped.values())} unreadable sample(s): "
               + ", ".join(f"{where} x{n}" for where, n in loader.skipped.most_common(10)), file=sys.stderr)
@@ -234,12 +325,16 @@ def main(argv: list[str] | None = None) -> int:
         write_report(run_dir, accelerator, throughput, flops_per_step, args.peak_tflops, telemetry)
     telemetry.close()
     accelerator.end_training()
-    return 0
+    return EXIT_INTERRUPTED if stopped_by else 0
 
 
 def write_report(run_dir: Path, accelerator: Accelerator, throughput: Throughput, flops_per_step: float | None,
                  peak_tflops: float | None, telemetry: Telemetry) -> None:
     """throughput.json: samples/s, data-wait share, MFU and peak memory of this run."""
+    import torch
+
+    from train.telemetry import peak_flops, peak_memory_gib
+
     summary = throughput.summary()
     peak = peak_tflops * 1e12 if peak_tflops else peak_flops(accelerator.device)
     seconds_per_step = summary["step_ms"] / 1000
@@ -260,5 +355,6 @@ def write_report(run_dir: Path, accelerator: Accelerator, throughput: Throughput
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
+    except (ConfigError, RunDirError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

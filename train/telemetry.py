@@ -58,6 +58,37 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the kernel can give this process now (Linux MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def step_memory_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_size: int) -> tuple[int, int]:
+    """(bytes per sample, fixed bytes) of one training step, measured on a copy of ``model``: the
+    tensors autograd saves for the backward of a one-sample forward, and weights + gradients + AdamW's
+    two moments. The copy and a forked RNG keep the run's own state untouched."""
+    import copy
+
+    saved: dict[tuple[int, tuple], int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[(tensor.data_ptr(), tuple(tensor.shape))] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    probe = copy.deepcopy(model)
+    one = {k: v[:1] for k, v in batch.items()}
+    with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        probe(one)
+    fixed = 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+    return sum(saved.values()), fixed
+
+
 class Throughput:
     """Per-step wall time and the share of it spent waiting for the loader."""
 

@@ -4,7 +4,8 @@ import signal
 
 import pytest
 
-from train.checkpoint import GracefulStop, checkpoint_path, find_resume_checkpoint, list_checkpoints
+from train.checkpoint import GracefulStop
+from train.rundir import RunDirError, checkpoint_path, find_resume_checkpoint, list_checkpoints
 
 
 def test_latest_complete_checkpoint_wins_and_temporaries_are_ignored(tmp_path):
@@ -19,7 +20,7 @@ def test_latest_complete_checkpoint_wins_and_temporaries_are_ignored(tmp_path):
 
 
 def test_explicit_resume_path_must_be_a_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a densevid checkpoint folder"):
+    with pytest.raises(RunDirError, match="not a densevid checkpoint folder"):
         find_resume_checkpoint(str(tmp_path), tmp_path)
     (tmp_path / "trainer-rank0.pt").write_bytes(b"")
     assert find_resume_checkpoint(str(tmp_path), tmp_path / "elsewhere") == tmp_path

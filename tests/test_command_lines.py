@@ -1,0 +1,106 @@
+"""The entry points' front door: a bad call is one `error: ...` line, exit status 2, nothing written,
+and train/run.py decides it before importing torch; --help shows the defaults that apply."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Runs a script as `python SCRIPT ARGS...` would, then says on stdout whether torch got imported.
+RUN_AND_REPORT_TORCH = ("import runpy, sys\nscript = sys.argv.pop(1)\nsys.argv[0] = script\ntry:\n"
+                        "    runpy.run_path(script, run_name='__main__')\nfinally:\n"
+                        "    print('torch imported' if 'torch' in sys.modules else 'torch not imported')")
+
+
+def call(script, *args, cwd):
+    return subprocess.run([sys.executable, "-c", RUN_AND_REPORT_TORCH, str(REPO / script), *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO),
+                                                                                     "PATH": "/usr/bin:/bin"})
+
+
+def assert_one_line_usage_error(proc, *expected):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+@pytest.fixture
+def empty_dataset(tmp_path):
+    """A finished packing run that kept no sample (its only source is not a video)."""
+    from shard_tools import pack
+
+    src = tmp_path / "src" / "cls"
+    src.mkdir(parents=True)
+    (src / "broken.mp4").write_bytes(b"not a video")
+    out = tmp_path / "packed"
+    assert pack.main(["--kind", "videos", "--src", str(src.parent), "--out", str(out), "--quiet"]) == 1
+    return out
+
+
+@pytest.mark.parametrize("case", ["empty folder", "no samples", "typo", "other method's key", "no --out"])
+def test_train_usage_errors_are_one_line_before_torch_and_leave_nothing(case, tmp_path, empty_dataset):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "run"
+    args, expected = {
+        "empty folder": (["--data", empty], [f"--data: {empty}/manifest.json not found",
+                                             f"pack.py --src SOURCES --out {empty}"]),
+        "no samples": (["--data", empty_dataset], [f"--data {empty_dataset}: the dataset holds no samples"]),
+        "typo": (["--data", empty_dataset, "--optim.lrr", "1"], ["--optim.lrr 1; did you mean --optim.lr?"]),
+        "other method's key": (["--data", empty_dataset, "--dino.out_dim", "8"], ["belongs to method 'dino'"]),
+        "no --out": (["--data", empty_dataset], ["required: --out"]),
+    }[case]
+    out_args = [] if case == "no --out" else ["--out", out]
+    proc = call("train/run.py", "--method", "crw", *out_args, *args, cwd=tmp_path)
+    assert_one_line_usage_error(proc, *expected)
+    assert proc.stdout.strip() == "torch not imported"
+    assert not out.exists()
+
+
+def test_a_typo_in_the_methods_own_section_is_one_line_with_the_closest_key(tmp_path, jpeg_shards):
+    proc = call("train/run.py", "--method", "crw", "--data", jpeg_shards, "--out", tmp_path / "run",
+                "--crw.temprature", "0.1", cwd=tmp_path)
+    assert_one_line_usage_error(proc, "--crw.temprature; did you mean --crw.temperature?")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_on_an_empty_data_folder_names_data_not_davis(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = call("eval/run.py", "clusters", "--ckpt", tmp_path, "--data", tmp_path / "empty",
+                "--out", tmp_path / "ev", cwd=tmp_path)
+    assert_one_line_usage_error(proc, f"--data {tmp_path / 'empty'}: neither evaluation shards", "--kind frames")
+    assert "--davis" not in proc.stderr and not (tmp_path / "ev").exists()
+
+
+def test_pack_bad_source_is_one_line(tmp_path):
+    proc = call("shard_tools/pack.py", "--kind", "videos", "--src", tmp_path / "missing", "--out", tmp_path / "o",
+                cwd=tmp_path)
+    assert_one_line_usage_error(proc, "--src", "is not a folder")
+    assert proc.stdout.strip() == "torch not imported" and not (tmp_path / "o").exists()
+
+
+def test_train_help_shows_the_methods_yaml_defaults(tmp_path):
+    proc = call("train/run.py", "--method", "crw", "--help", cwd=tmp_path)
+    text = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stderr
+    options = text.split("data options:", 1)[1]  # past the usage summary
+    assert "(default: 0.0001)" in options.split("--optim.lr LR", 1)[1].split("--optim.", 1)[0]
+    assert "(default: 20)" in options.split("--data.batch_size BATCH_SIZE", 1)[1].split("--data.", 1)[0]
+    assert "--crw.temperature" in text and "--dino.out_dim" not in text  # only the chosen method's section
+
+
+def test_pack_help_shows_its_defaults(tmp_path):
+    text = " ".join(call("shard_tools/pack.py", "--help", cwd=tmp_path).stdout.split())
+    assert "of the folders) (default: 30)" in text
+    assert "sizes are even (default: 256)" in text
+    assert "target shard size in bytes (default: 1e+09)" in text
+
+
+def test_pack_warns_when_it_would_upscale(tmp_path, synth_raw):
+    proc = call("shard_tools/pack.py", "--kind", "videos", "--src", synth_raw / "videos", "--out", tmp_path / "o",
+                "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: 6 of 6 source(s) are smaller than --short-side 256 and were upscaled" in proc.stderr
+    assert "128x96); pass --short-side 96" in proc.stderr
