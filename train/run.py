@@ -37,6 +37,7 @@ from train.config import Config, ConfigError, add_config_arguments, load_config,
 from train.finetune import backbone_lr_mult, prepare_backbone  # noqa: E402
 from train.objectives import OBJECTIVES  # noqa: E402
 from train.optim import clip_gradients_, cosine_schedule, param_groups, scaled_lr, set_lr_wd  # noqa: E402
+from train.threads import choose_cpu_threads  # noqa: E402
 from train.telemetry import Telemetry, Throughput, collect_versions, peak_flops, peak_memory_gib  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(cpu=args.cpu, mixed_precision="bf16" if use_bf16 else "no", kwargs_handlers=[ddp])
     rank, world = accelerator.process_index, accelerator.num_processes
     cfg.data.device = str(accelerator.device)  # the launcher decides; recorded in config.yaml below
+    threads = choose_cpu_threads(cfg.data, accelerator.device.type == "cpu", accelerator.num_processes
+                                 if accelerator.device.type == "cpu" else 1)
     run_dir = Path(args.out)
     resume_from = find_resume_checkpoint(args.resume, run_dir)
     if resume_from is not None:
@@ -140,10 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         loader.load_state_dict(state["loader"])
         start = state["step"]
     batches = iter(loader)
+    if resume_from is None and accelerator.is_main_process:  # the network at step 0, for "does it learn?"
+        export_backbone(core.backbone(), run_dir / "init" / "backbone.safetensors")
 
     telemetry = Telemetry(run_dir, accelerator.is_main_process, start, total)
     telemetry.print(f"{cfg.method} | {cfg.model.arch} | {world} process(es) on {accelerator.device} | "
-                    f"global batch {global_batch} | peak lr {peak_lr:.3g} | {steps_per_epoch} steps/epoch | "
+                    f"global batch {global_batch} | peak lr {peak_lr:.3g} | {steps_per_epoch} steps/epoch | {threads} | "
                     + (f"resumed from {resume_from}" if resume_from else "fresh start") + f" | {weights}")
     throughput = Throughput(global_batch, skip_steps=min(10, max(total - start, 1) // 5))
     flops_per_step = None
@@ -216,9 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                 window.clear()
                 window_steps = 0
             if step % cfg.run.ckpt_every == 0 or step == total or stopping:
-                save_checkpoint(accelerator, core, run_dir, step, {"step": step, "loader": loader.state_dict()},
-                                cfg.run.keep_checkpoints)
+                saved = save_checkpoint(accelerator, core, run_dir, step, {"step": step, "loader": loader.state_dict()},
+                                        cfg.run.keep_checkpoints)
                 if accelerator.is_main_process:  # written to a temporary name, then renamed
+                    export_backbone(core.backbone(), saved / "backbone.safetensors")
                     export_backbone(core.backbone(), run_dir / "backbone.safetensors")
             if stopping:
                 telemetry.print(f"stopped by {stop.requested or 'another rank'} at step {step}; "
