@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -63,7 +64,7 @@ DATA = {
 # CPU run cuts 32-px patches from 96-px crops. docs/learning.md has the measurements behind each row.
 SETTINGS: dict[str, dict[str, Setting]] = {
     "crw": {
-        "cpu": Setting(150, ("--model.arch", "resnet18_crw_w16", "--data.batch_size", "8", "--crw.size", "96",
+        "cpu": Setting(60, ("--model.arch", "resnet18_crw_w16", "--data.batch_size", "8", "--crw.size", "96",
                              "--crw.patch_size", "32", "--crw.patch_stride", "16", "--crw.frame_stride", "2",
                              "--optim.lr", "1e-3", "--optim.min_lr", "1e-4"), "crw", 192),
         "gpu": Setting(3000, ("--data.batch_size", "20", "--crw.size", "256", "--crw.frame_stride", "2"),
@@ -107,7 +108,7 @@ def train(method: str, setting: Setting, budget: str, shards: Path, run_dir: Pat
     print("$ " + " ".join(command), flush=True)
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # progress as it happens
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
     return {"command": command, "wall_s": time.perf_counter() - started,
