@@ -35,30 +35,16 @@ PYTEST_ARGS ?=
 test: $(ENV)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
 
-# The whole flow on the embedded synthetic data, on a CPU. Rerunning resumes:
-# packing finds its finished datasets and training continues its run directories.
+# Does training help? On the embedded synthetic data: render training videos and held-out DAVIS-layout
+# sequences (another seed), pack, train each of DEMO_METHODS for the CPU budget, score label propagation
+# for the trained network, the same network at step 0 and raw pixels, then write $(DEMO)/report.md
+# (table, curves, ground truth above prediction, PCA maps, the command of each step). Rerunning reuses
+# the data and the finished runs.
+DEMO_METHODS ?= crw dino
 demo: $(ENV)
-	$(PYTHON) shard_tools/synth.py --out $(DEMO)/raw --videos 12 --classes 3 --davis 2 --frames 32
-	$(PYTHON) shard_tools/pack.py --kind videos --src $(DEMO)/raw/videos --out $(DEMO)/shards/train \
-	    --fps 25 --short-side 96 --shard-size 2e6 --workers 2 --quiet
-	$(PYTHON) shard_tools/pack.py --kind frames --src $(DEMO)/raw/davis --out $(DEMO)/shards/davis --quiet
-	$(PYTHON) shard_tools/inspect.py $(DEMO)/shards/train --verify
-	$(PYTHON) pipeline/bench.py --data $(DEMO)/shards/train --family grid multicrop --paths cpu baseline \
-	    --batch-size 4 --steps 3 --warmup 1 --workers 1
-	$(PYTHON) train/run.py --method crw --data $(DEMO)/shards/train --out $(DEMO)/runs/crw --steps 10 --cpu \
-	    --resume auto --data.batch_size 4 --data.num_workers 0 \
-	    --crw.size 96 --crw.patch_size 32 --crw.patch_stride 16 --crw.frame_stride 2
-	$(PYTHON) train/run.py --method dino --data $(DEMO)/shards/train --out $(DEMO)/runs/dino --steps 40 --cpu \
-	    --resume auto --data.batch_size 4 --data.num_workers 0 --model.arch vit_tiny_patch16 \
-	    --dino.global_size 64 --dino.local_size 32 --dino.local_crops 2 --dino.out_dim 256 \
-	    --dino.head_hidden_dim 64 --dino.head_bottleneck_dim 32
-	# The synthetic sequences are 128x96; CRW's protocol reads frames at their native size (DAVIS: 480p),
-	# so evaluate them at DAVIS's short side of 480, as the dino preset does.
-	$(PYTHON) eval/run.py labelprop --ckpt $(DEMO)/runs/crw --data $(DEMO)/shards/davis --protocol crw \
-	    --short-side 480 --visualize
-	$(PYTHON) eval/run.py labelprop --ckpt $(DEMO)/runs/dino --data $(DEMO)/shards/davis --protocol dino --visualize
-	$(PYTHON) eval/run.py knn --ckpt $(DEMO)/runs/dino --data $(DEMO)/shards/train
-	@echo "demo outputs in $(DEMO)/: shards/, runs/{crw,dino}/ (tb/, backbone.safetensors, eval/*/vis/*.png|gif)"
+	$(PYTHON) -m train.learning --methods $(DEMO_METHODS) --budget cpu --out $(DEMO)
+	$(PYTHON) -m train.report --bench $(DEMO)
+	@echo "demo report: $(DEMO)/report.md (table: $(DEMO)/learning.md, runs: $(DEMO)/runs/)"
 
 clean-demo:
 	rm -rf $(DEMO)

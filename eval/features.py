@@ -65,8 +65,23 @@ def dense_feature_fn(backbone: nn.Module, layer: int = 1, mean=IMAGENET_MEAN, st
 
 
 def feature_stride(backbone: nn.Module) -> int:
-    """Pixels per feature cell: the ViT patch size, or 8 for the CRW ResNet encoder."""
+    """Pixels per feature cell: the ViT patch size (or pixel cell side), or 8 for the CRW ResNet encoder."""
     return int(getattr(backbone, "patch_size", 8))
+
+
+class PixelCells(nn.Module):
+    """Raw pixels as features: each ``cell`` x ``cell`` block of the normalised frame, flattened to a
+    3 * cell^2 vector (B, 3, H, W) -> (B, 3 * cell^2, H / cell, W / cell). The baseline a learned
+    backbone has to beat; with ``cell`` 8 its grid is that of the CRW ResNet (stride 8)."""
+
+    def __init__(self, cell: int = 8):
+        super().__init__()
+        self.patch_size = cell
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cell = self.patch_size
+        h, w = x.shape[-2] // cell, x.shape[-1] // cell
+        return F.unfold(x[..., :h * cell, :w * cell], cell, stride=cell).unflatten(-1, (h, w))
 
 
 @torch.inference_mode()

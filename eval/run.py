@@ -1,12 +1,14 @@
 """Evaluate a backbone: label propagation (DAVIS J&F), clustering mIoU, kNN, linear probe, object discovery.
 
     python eval/run.py labelprop --ckpt RUN --data DAVIS_OR_EVAL_SHARDS [--protocol dino|crw]
+    python eval/run.py labelprop --features pixels --data DAVIS_OR_EVAL_SHARDS   (raw-pixel baseline)
     python eval/run.py clusters  --ckpt RUN --data DAVIS_OR_EVAL_SHARDS [--granularity frame|clip|dataset]
     python eval/run.py knn       --ckpt RUN --data LABELLED_SHARDS [--val-data LABELLED_SHARDS]
     python eval/run.py linear    --ckpt RUN --data LABELLED_SHARDS [--val-data LABELLED_SHARDS]
     python eval/run.py discovery --ckpt RUN --data DAVIS_UNSUPERVISED [--proposals 8]
 
-``--ckpt`` is a run directory (its backbone.safetensors), an exported .safetensors, or an official
+``--ckpt`` is a run directory (its backbone.safetensors), a checkpoint folder of a run
+(``RUN/checkpoints/step-N``), an exported .safetensors, or an official
 DINO / timm / CRW checkpoint (``--arch`` when the architecture cannot be inferred). Each command prints a
 table and writes ``<out>/<command>.json`` (``--out`` defaults to ``<run>/eval/<command>`` for a run
 directory and ``eval-<command>`` otherwise).
@@ -27,13 +29,13 @@ from PIL import Image
 
 from eval import clustering, davis_metrics, discovery, knn_linear, label_prop, visualize
 from eval.davis_io import open_sequences, read_mask, write_mask
-from eval.features import dense_feature_fn, feature_stride, global_descriptor, load_backbone
+from eval.features import PixelCells, dense_feature_fn, feature_stride, global_descriptor, load_backbone
 from shard_tools.cli import fail
 from shard_tools.manifest import MANIFEST
 
 
-def default_out(ckpt: str, command: str) -> Path:
-    return Path(ckpt) / "eval" / command if Path(ckpt).is_dir() else Path(f"eval-{command}")
+def default_out(ckpt: str | None, command: str) -> Path:
+    return Path(ckpt) / "eval" / command if ckpt and Path(ckpt).is_dir() else Path(f"eval-{command}")
 
 
 def _batched(fn, items: np.ndarray, batch: int, device: torch.device) -> torch.Tensor:
@@ -168,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--ckpt", required=True, help="run dir, exported .safetensors, or DINO/timm/CRW checkpoint")
+    common.add_argument("--ckpt", help="run dir, its checkpoints/step-N folder, exported .safetensors, or "
+                                       "DINO/timm/CRW checkpoint (required unless labelprop --features pixels)")
     common.add_argument("--arch", help="architecture (models.build name) when it cannot be inferred")
     common.add_argument("--data", required=True, help="dataset folder (see the command)")
     common.add_argument("--out", help="output folder (default <run>/eval/<command> or ./eval-<command>)")
@@ -181,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", default="val", help="DAVIS subset (ImageSets/2017/<set>.txt)")
     p.add_argument("--visualize", action="store_true", help="also write <out>/vis/<sequence>.png (strip) and .gif")
     p.add_argument("--no-score", action="store_true", help="only write the masks (sets without annotations)")
+    p.add_argument("--features", default="backbone", choices=("backbone", "pixels"),
+                   help="pixels: raw 8x8x3 pixel cells of the normalised frames instead of a network (no --ckpt): "
+                        "the baseline a trained backbone has to beat")
     label_prop.add_propagation_args(p)
 
     p = commands.add_parser("clusters", parents=[common], formatter_class=defaults,
@@ -235,7 +241,12 @@ LABELLED = ("knn", "linear")
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail before loading anything, with the flag that is wrong and what it must be."""
-    if not Path(args.ckpt).exists():
+    pixels = getattr(args, "features", "backbone") == "pixels"
+    if pixels and args.ckpt:
+        raise UsageError("--features pixels uses no network: drop --ckpt")
+    if not pixels and not args.ckpt:
+        raise UsageError("--ckpt is required (a run directory or checkpoint file), or pass labelprop --features pixels")
+    if args.ckpt and not Path(args.ckpt).exists():
         raise UsageError(f"--ckpt {args.ckpt}: no such file or folder (a run directory, an exported "
                          ".safetensors or an official checkpoint)")
     for flag in ("data", "val_data"):
@@ -259,13 +270,14 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     check_inputs(args)
+    pixels = getattr(args, "features", "backbone") == "pixels"
     args.out = Path(args.out) if args.out else default_out(args.ckpt, args.command)
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
-    backbone = load_backbone(args.ckpt, args.arch, args.trust_pickle).to(device)
+    backbone = (PixelCells() if pixels else load_backbone(args.ckpt, args.arch, args.trust_pickle)).to(device)
     started = time.perf_counter()
     result = COMMANDS[args.command](args, backbone, device)
-    result.update(command=args.command, ckpt=str(args.ckpt), data=str(args.data),
+    result.update(command=args.command, ckpt=str(args.ckpt) if args.ckpt else "pixels", data=str(args.data),
                   seconds=time.perf_counter() - started)
     path = args.out / f"{args.command}.json"
     path.write_text(json.dumps(result, indent=2, default=str))

@@ -111,7 +111,9 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
         return f"vit_{sizes[embed_dim, depth]}_patch{patch_size}", kwargs
     if "layer1.0.conv1.weight" in state:
         removed = [name for name in ("layer3", "layer4") if f"{name}.0.conv1.weight" not in state]
-        return "resnet18_crw", {"remove_layers": removed} if removed else {}
+        width = state["layer1.0.conv1.weight"].shape[0]
+        kwargs = {"remove_layers": removed} if removed else {}
+        return "resnet18_crw", kwargs if width == 64 else {**kwargs, "width": width}
     raise ValueError("cannot tell the architecture from the weights (no ViT patch_embed, no ResNet layer1); "
                      "pass arch= explicitly")
 
@@ -178,7 +180,7 @@ def export_backbone(model: nn.Module, path: str | Path, arch: str | None = None,
 
     ViT keys are timm's, so the file also loads into ``timm``'s ``VisionTransformer(num_classes=0)``.
     ``arch`` and ``kwargs`` default to what ``models.build`` recorded on the model. Written to a
-    temporary name first, then renamed, so readers never see half a file.
+    temporary name first, then renamed, so readers never see half a file; missing parent folders are made.
     """
     from safetensors.torch import save_file
 
@@ -193,6 +195,7 @@ def export_backbone(model: nn.Module, path: str | Path, arch: str | None = None,
         kwargs["remove_layers"] = list(model.removed_modules)
     state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     metadata = {"format": EXPORT_FORMAT, "arch": arch, "kwargs": json.dumps(kwargs, sort_keys=True)}
     save_file(state, str(temporary), metadata=metadata)

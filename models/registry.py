@@ -6,10 +6,10 @@ from collections.abc import Callable
 
 from torch import nn
 
-from models.resnet import resnet18_crw
+from models.resnet import resnet18_crw, resnet18_crw_w16
 from models.vit import VIT_SIZES, vit
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"resnet18_crw": resnet18_crw}
+MODELS: dict[str, Callable[..., nn.Module]] = {"resnet18_crw": resnet18_crw, "resnet18_crw_w16": resnet18_crw_w16}
 for _size in VIT_SIZES:
     for _patch in (8, 16):
         MODELS[f"vit_{_size}_patch{_patch}"] = functools.partial(vit, _size, _patch)

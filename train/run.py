@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from train.objectives import OBJECTIVES
     from train.optim import clip_gradients_, cosine_schedule, param_groups, scaled_lr, set_lr_wd
     from train.telemetry import Telemetry, Throughput, collect_versions, peak_memory_gib
+    from train.threads import choose_cpu_threads
 
     cfg = load_config(args.method, args.config, overrides)  # now with the method's own section
     use_bf16 = cfg.run.precision == "bf16" and torch.cuda.is_available() and not args.cpu
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = Accelerator(cpu=args.cpu, mixed_precision="bf16" if use_bf16 else "no", kwargs_handlers=[ddp])
     rank, world = accelerator.process_index, accelerator.num_processes
     cfg.data.device = str(accelerator.device)  # the launcher decides; recorded in config.yaml below
+    threads = choose_cpu_threads(cfg.data, accelerator.device.type == "cpu", accelerator.num_processes
+                                 if accelerator.device.type == "cpu" else 1)
     run_dir = Path(args.out)
     if resume_from is not None:
         check_resumable(run_dir, cfg)
@@ -228,12 +231,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg.dump(run_dir / "config.yaml")
         (run_dir / "versions.json").write_text(json.dumps(collect_versions(REPO_ROOT), indent=2) + "\n")
     accelerator.wait_for_everyone()
+    if resume_from is None and accelerator.is_main_process:  # the network at step 0, for "does it learn?"
+        export_backbone(core.backbone(), run_dir / "init" / "backbone.safetensors")
 
     telemetry = Telemetry(run_dir, accelerator.is_main_process, start, total)
     if removed:
         telemetry.print(f"--overwrite: removed the previous run's {', '.join(removed)} from {run_dir}")
     telemetry.print(f"{cfg.method} | {cfg.model.arch} | {world} process(es) on {accelerator.device} | "
-                    f"global batch {global_batch} | peak lr {peak_lr:.3g} | {steps_per_epoch} steps/epoch | "
+                    f"global batch {global_batch} | peak lr {peak_lr:.3g} | {steps_per_epoch} steps/epoch | {threads} | "
                     + (f"resumed from {resume_from}" if resume_from else "fresh start") + f" | {weights}")
     throughput = Throughput(global_batch, skip_steps=min(10, max(total - start, 1) // 5))
     flops_per_step = None
@@ -306,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                 window.clear()
                 window_steps = 0
             if step % cfg.run.ckpt_every == 0 or step == total or stopping:
-                save_checkpoint(accelerator, core, run_dir, step, {"step": step, "loader": loader.state_dict()},
-                                cfg.run.keep_checkpoints)
+                saved = save_checkpoint(accelerator, core, run_dir, step, {"step": step, "loader": loader.state_dict()},
+                                        cfg.run.keep_checkpoints)
                 if accelerator.is_main_process:  # written to a temporary name, then renamed
+                    export_backbone(core.backbone(), saved / "backbone.safetensors")
                     export_backbone(core.backbone(), run_dir / "backbone.safetensors")
             if stopping:
                 stopped_by = stop.requested or "another rank"

@@ -14,7 +14,7 @@ CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Everything train/run.py and eval/run.py write into a run directory: what --overwrite removes.
 RUN_OUTPUTS = (CHECKPOINT_DIR, "log.jsonl", "tb", "config.yaml", "versions.json", "backbone.safetensors",
-               "throughput.json", "eval")
+               "throughput.json", "eval", "init")
 NONFINITE_DUMPS = "nonfinite-step-*.pt"
 
 

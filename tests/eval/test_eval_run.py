@@ -90,3 +90,25 @@ def test_labelprop_without_annotations_only_writes_masks(run_dir, tmp_path):
         run_eval("labelprop", *args)
     result = run_eval("labelprop", *args, "--no-score")
     assert "scores" not in result and len(list((tmp_path / "out" / "clip").glob("*.png"))) == 4
+
+
+def test_pixel_features_need_no_checkpoint_and_beat_nothing_by_construction(davis_dir, tmp_path):
+    from eval.features import PixelCells
+    frames = torch.arange(2 * 3 * 16 * 24, dtype=torch.float32).view(2, 3, 16, 24)
+    cells = PixelCells()(frames)
+    assert cells.shape == (2, 3 * 64, 2, 3)
+    torch.testing.assert_close(cells[1, :, 1, 2].view(3, 8, 8), frames[1, :, 8:16, 16:24])
+    result = run_eval("labelprop", "--features", "pixels", "--data", davis_dir, "--protocol", "crw",
+                      "--context", "4", "--device", "cpu", "--out", tmp_path / "pix")
+    assert result["ckpt"] == "pixels" and 0.2 < result["scores"]["J&F-Mean"] <= 1.0
+    with pytest.raises(SystemExit):
+        run_eval("labelprop", "--data", davis_dir, "--out", tmp_path / "none")  # no --ckpt, no pixels
+
+
+def test_ckpt_accepts_a_checkpoint_folder(run_dir, davis_dir, tmp_path):
+    step = tmp_path / "run" / "checkpoints" / "step-000004"
+    export_backbone(models.io.load_backbone(run_dir / "backbone.safetensors"), step / "backbone.safetensors")
+    args = ["labelprop", "--protocol", "crw", "--context", "2", "--device", "cpu", "--data", davis_dir]
+    from_step = run_eval(*args, "--ckpt", step, "--out", tmp_path / "a")
+    from_run = run_eval(*args, "--ckpt", run_dir, "--out", tmp_path / "b")
+    assert from_step["scores"] == from_run["scores"]

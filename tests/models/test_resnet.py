@@ -44,3 +44,15 @@ def test_torchvision_weights_load_and_match_before_the_stride_change():
     trunk = nn.Sequential(reference.conv1, reference.bn1, reference.relu, reference.maxpool,
                           reference.layer1, reference.layer2)
     torch.testing.assert_close(enc(x), trunk(x))
+
+
+def test_quarter_width_encoder_and_its_export_round_trip(tmp_path):
+    from models.io import export_backbone, infer_arch, load_backbone
+    enc = models.build("resnet18_crw_w16").eval()
+    assert enc(torch.randn(1, 3, 64, 64)).shape == (1, 128, 8, 8) and enc.out_channels == 128
+    assert sum(p.numel() for p in enc.parameters()) * 14 < sum(p.numel() for p in models.build("resnet18_crw").parameters())
+    assert infer_arch(enc.state_dict()) == ("resnet18_crw", {"width": 16})
+    path = export_backbone(enc, tmp_path / "new" / "folder" / "enc.safetensors")  # parents are made
+    loaded = load_backbone(path)
+    x = torch.randn(1, 3, 32, 48)
+    torch.testing.assert_close(loaded(x), enc(x))

@@ -69,6 +69,11 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     assert len(exported) == len(backbone.state_dict())
     for value in backbone.state_dict().values():
         assert any(torch.equal(value, e) for e in exported.values() if e.shape == value.shape)
+    # Every checkpoint keeps its own backbone, and the step-0 network is exported for comparison.
+    same_tensors(out / "checkpoints/step-000002/backbone.safetensors", out / "backbone.safetensors")
+    init = load_file(str(out / "init" / "backbone.safetensors"))
+    assert init.keys() == load_file(str(out / "backbone.safetensors")).keys()
+    assert any(not torch.equal(v, load_file(str(out / "backbone.safetensors"))[k]) for k, v in init.items())
 
 
 def test_dino_resumed_from_a_checkpoint_equals_uninterrupted(jpeg_shards, tmp_path):

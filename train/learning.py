@@ -1,0 +1,188 @@
+"""Learning benchmark: does training with densevid make dense features better than before training?
+
+    python -m train.learning --methods crw dino --budget cpu --out DIR     (minutes on a CPU)
+    python -m train.learning --methods crw dino --budget gpu --out DIR     (minutes on one GPU)
+
+For the budget it writes a synthetic training set and held-out DAVIS-layout sequences rendered with
+another seed (shard_tools/synth.py), packs the training videos, trains every method through
+train/run.py with the budget's settings (SETTINGS below), then scores label propagation on the
+held-out sequences for (a) the trained backbone, (b) the same network at its initialisation (the
+run's init/backbone.safetensors: same seed, 0 steps) and (c) raw pixels. It prints and writes
+DIR/learning.json and DIR/learning.md. Rerunning reuses the data and continues finished runs.
+
+Adding a method is one entry per budget in SETTINGS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from eval import run as eval_run
+from shard_tools.manifest import load_manifest
+from shard_tools.synth import make_dataset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUDGETS = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Data:
+    """The synthetic data of a budget (shard_tools/synth.py arguments)."""
+
+    train_videos: int
+    eval_sequences: int
+    frames: int
+    width: int
+    height: int
+    train_seed: int = 0
+    eval_seed: int = 1          # held out: rendered from other random draws than any training video
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one method trains and is evaluated within a budget."""
+
+    steps: int
+    train_args: tuple[str, ...]   # train/run.py flags (config overrides)
+    protocol: str                 # eval/run.py labelprop --protocol
+    short_side: int               # frames resized to this short side for propagation (0: native)
+
+
+DATA = {
+    "cpu": Data(train_videos=48, eval_sequences=4, frames=32, width=128, height=96),
+    "gpu": Data(train_videos=256, eval_sequences=8, frames=48, width=256, height=192),
+}
+
+# The 128x96 CPU frames are propagated at short side 192 (a 32x24 grid of stride-8 cells); the CRW
+# CPU run cuts 32-px patches from 96-px crops. docs/learning.md has the measurements behind each row.
+SETTINGS: dict[str, dict[str, Setting]] = {
+    "crw": {
+        "cpu": Setting(60, ("--model.arch", "resnet18_crw_w16", "--data.batch_size", "8", "--crw.size", "96",
+                             "--crw.patch_size", "32", "--crw.patch_stride", "16", "--crw.frame_stride", "2",
+                             "--optim.lr", "1e-3", "--optim.min_lr", "1e-4"), "crw", 192),
+        "gpu": Setting(3000, ("--data.batch_size", "20", "--crw.size", "256", "--crw.frame_stride", "2"),
+                       "crw", 480),
+    },
+    "dino": {
+        "cpu": Setting(100, ("--model.arch", "vit_tiny_patch16", "--model.drop_path", "0", "--data.batch_size", "8",
+                             "--optim.lr_scaling", "none", "--optim.lr", "5e-4", "--optim.warmup_epochs", "1",
+                             "--dino.global_size", "64", "--dino.local_size", "32", "--dino.local_crops", "2",
+                             "--dino.out_dim", "256", "--dino.head_hidden_dim", "64",
+                             "--dino.head_bottleneck_dim", "32"), "dino", 192),
+        "gpu": Setting(3000, ("--data.batch_size", "64", "--dino.local_crops", "6", "--dino.out_dim", "4096"),
+                       "dino", 480),
+    },
+}
+
+
+def prepare_data(out: Path, data: Data) -> tuple[Path, Path]:
+    """Render and pack the training set, render the held-out sequences; reuse what exists."""
+    shards, davis = out / "data" / "shards" / "train", out / "data" / "eval" / "davis"
+    if not (davis / "ImageSets" / "2017" / "val.txt").is_file():
+        make_dataset(out / "data" / "eval", seed=data.eval_seed, videos=0, davis=data.eval_sequences,
+                     frames=data.frames, width=data.width, height=data.height)
+    if not (shards / "manifest.json").is_file():
+        make_dataset(out / "data" / "raw", seed=data.train_seed, videos=data.train_videos, classes=4, davis=0,
+                     frames=data.frames, width=data.width, height=data.height)
+        subprocess.run([sys.executable, str(REPO_ROOT / "shard_tools" / "pack.py"), "--kind", "videos",
+                        "--src", str(out / "data" / "raw" / "videos"), "--out", str(shards), "--fps", "25",
+                        "--short-side", str(min(data.width, data.height)), "--shard-size", "2e6", "--quiet"],
+                       check=True)
+    print(f"data: {load_manifest(shards)['samples']} training videos in {shards}, "
+          f"{data.eval_sequences} held-out sequences in {davis}", flush=True)
+    return shards, davis
+
+
+def train(method: str, setting: Setting, budget: str, shards: Path, run_dir: Path) -> dict:
+    """Train through train/run.py (its progress lines stream through); return time and loss curve."""
+    command = [sys.executable, str(REPO_ROOT / "train" / "run.py"), "--method", method, "--data", str(shards),
+               "--out", str(run_dir), "--steps", str(setting.steps), "--resume", "auto",
+               "--run.log_every", "5", *(["--cpu"] if budget == "cpu" else []), *setting.train_args]
+    print("$ " + " ".join(command), flush=True)
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # progress as it happens
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    return {"command": command, "wall_s": time.perf_counter() - started,
+            "cpu_s": (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
+            "log": records}
+
+
+def label_propagation(features: list[str], davis: Path, setting: Setting, out: Path) -> dict:
+    """J&F / J / F of eval/run.py labelprop with the method's protocol (``features``: its extra flags)."""
+    argv = ["labelprop", *features, "--data", str(davis), "--protocol", setting.protocol,
+            "--short-side", str(setting.short_side), "--out", str(out)]
+    print("$ python eval/run.py " + " ".join(argv), flush=True)
+    scores = eval_run.main(argv)["scores"]
+    return {"J&F": scores["J&F-Mean"], "J": scores["J-Mean"], "F": scores["F-Mean"], "argv": argv}
+
+
+def benchmark(methods: list[str], budget: str, out: Path) -> dict:
+    shards, davis = prepare_data(out, DATA[budget])
+    rows, pixels_cache = [], {}
+    for method in methods:
+        setting = SETTINGS[method][budget]
+        run_dir = out / "runs" / method
+        trained = train(method, setting, budget, shards, run_dir)
+        evals = out / "eval" / method
+        scores = {"trained": label_propagation(["--ckpt", str(run_dir)], davis, setting, evals / "trained"),
+                  "init": label_propagation(["--ckpt", str(run_dir / "init" / "backbone.safetensors")],
+                                            davis, setting, evals / "init")}
+        key = (setting.protocol, setting.short_side)
+        if key not in pixels_cache:  # one pixel baseline per propagation setting
+            pixels_cache[key] = label_propagation(["--features", "pixels"], davis, setting,
+                                                  out / "eval" / f"pixels-{setting.protocol}-{setting.short_side}")
+        scores["pixels"] = pixels_cache[key]
+        log = trained["log"]
+        rows.append({"method": method, "steps": log[-1]["step"], "wall_s": trained["wall_s"],
+                     "cpu_s": trained["cpu_s"], "loss_first": log[0]["loss"], "loss_last": log[-1]["loss"],
+                     "scores": scores, "gain_over_init": scores["trained"]["J&F"] - scores["init"]["J&F"],
+                     "gain_over_pixels": scores["trained"]["J&F"] - scores["pixels"]["J&F"],
+                     "setting": asdict(setting), "train_command": trained["command"], "run_dir": str(run_dir)})
+    result = {"budget": budget, "data": asdict(DATA[budget]), "rows": rows}
+    (out / "learning.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown_table(rows)
+    (out / "learning.md").write_text(f"# Learning benchmark, budget {budget}\n\n{table}\n")
+    print(table, flush=True)
+    return result
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """method | steps | wall | loss first -> last | J&F / J / F trained, init, pixels | gains."""
+    head = ("| method | steps | wall s (CPU s) | train loss first → last | J&F trained | J&F init | J&F pixels "
+            "| J trained / init / pixels | F trained / init / pixels | gain vs init | gain vs pixels |\n"
+            "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- | --- | ---: | ---: |")
+    lines = [head]
+    for r in rows:
+        s = r["scores"]
+        triple = lambda m: " / ".join(f"{s[k][m]:.3f}" for k in ("trained", "init", "pixels"))  # noqa: E731
+        lines.append(f"| {r['method']} | {r['steps']} | {r['wall_s']:.0f} ({r['cpu_s']:.0f}) | "
+                     f"{r['loss_first']:.3f} → {r['loss_last']:.3f} | {s['trained']['J&F']:.3f} | "
+                     f"{s['init']['J&F']:.3f} | {s['pixels']['J&F']:.3f} | {triple('J')} | {triple('F')} | "
+                     f"{r['gain_over_init']:+.3f} | {r['gain_over_pixels']:+.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["crw", "dino"], choices=sorted(SETTINGS),
+                        help="methods to train and score")
+    parser.add_argument("--budget", default="cpu", choices=BUDGETS,
+                        help="cpu: small models for a few CPU minutes; gpu: paper-size models, minutes on one GPU")
+    parser.add_argument("--out", required=True, help="output folder (data/, runs/, eval/, learning.json|md)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return benchmark(args.methods, args.budget, out)
+
+
+if __name__ == "__main__":
+    main()
