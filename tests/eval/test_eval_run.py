@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import models
+from eval.run import UsageError
 from models.io import export_backbone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +102,7 @@ def test_pixel_features_need_no_checkpoint_and_beat_nothing_by_construction(davi
     result = run_eval("labelprop", "--features", "pixels", "--data", davis_dir, "--protocol", "crw",
                       "--context", "4", "--device", "cpu", "--out", tmp_path / "pix")
     assert result["ckpt"] == "pixels" and 0.2 < result["scores"]["J&F-Mean"] <= 1.0
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--ckpt is required"):
         run_eval("labelprop", "--data", davis_dir, "--out", tmp_path / "none")  # no --ckpt, no pixels
 
 
