@@ -173,10 +173,6 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
     reference = model.state_dict()
     state = {key: value.to(reference[key].dtype) if key in reference and value.is_floating_point() else value
              for key, value in state.items()}
-    if isinstance(model, VisionTransformer) and "pos_embed" in state:
-        side = math.isqrt(model.pos_embed.shape[1] - model.num_pos_prefix_tokens)
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], (side, side), model.num_pos_prefix_tokens,
-                                              model.pos_interpolation)
     missing = sorted(set(reference) - set(state))
     if missing and (strict or assign):
         raise ValueError(f"{source} lacks {len(missing)} weights of the model ({', '.join(missing[:5])}"
@@ -188,6 +184,13 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
         raise ValueError(f"{source} has {len(foreign)} weights this model does not implement "
                          f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): "
                          "it is a different architecture; pass the matching arch=")
+    if isinstance(model, VisionTransformer) and "pos_embed" in state:
+        side = math.isqrt(model.pos_embed.shape[1] - model.num_pos_prefix_tokens)
+        try:
+            state["pos_embed"] = resize_pos_embed(state["pos_embed"], (side, side), model.num_pos_prefix_tokens,
+                                                  model.pos_interpolation)
+        except ValueError:  # positions for another number of prefix tokens: reported with the shapes below
+            pass
     wrong = [f"{key} {tuple(state[key].shape)} vs {tuple(reference[key].shape)}" for key in state
              if key in reference and state[key].shape != reference[key].shape]
     if wrong:

@@ -344,12 +344,13 @@ class VisionTransformer(nn.Module):
 
 
 def vit(size: str, patch_size: int = 16, **kwargs) -> VisionTransformer:
-    """A ViT of a named size (``tiny | small | base``); ``kwargs`` go to :class:`VisionTransformer`."""
+    """A ViT of a named size (``tiny | small | base``); ``kwargs`` go to :class:`VisionTransformer` and
+    may override the size's shape (``depth=2`` for a shallow copy in tests)."""
     if size not in VIT_SIZES:
         raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
     embed_dim, depth, num_heads = VIT_SIZES[size]
-    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                             **kwargs)
+    shape = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}
+    return VisionTransformer(patch_size=patch_size, **{**shape, **kwargs})
 
 
 def vit_dinov2(size: str, reg_tokens: int = 0, **kwargs) -> VisionTransformer:
