@@ -7,7 +7,7 @@
     python eval/run.py discovery --ckpt RUN --data DAVIS_UNSUPERVISED [--proposals 8]
 
 ``--ckpt`` is a run directory (its backbone.safetensors), an exported .safetensors, or an official
-DINO / timm / CRW checkpoint (``--arch`` when the architecture cannot be inferred). Each command prints a
+DINO / DINOv2 / timm / CRW checkpoint (``--arch`` when the architecture cannot be inferred). Each command prints a
 table and writes ``<out>/<command>.json`` (``--out`` defaults to ``<run>/eval/<command>`` for a run
 directory and ``eval-<command>`` otherwise).
 """
@@ -41,7 +41,7 @@ def _batched(fn, items: np.ndarray, batch: int, device: torch.device) -> torch.T
 def run_labelprop(args, backbone, device) -> dict:
     cfg = label_prop.config_from_args(args)
     sequences = open_sequences(args.data, subset=args.set)
-    timing = label_prop.propagate_sequences(sequences, dense_feature_fn(backbone, args.layer),
+    timing = label_prop.propagate_sequences(sequences, dense_feature_fn(backbone, args.layer, upsample=cfg.upsample),
                                             feature_stride(backbone), cfg, args.out, device, args.batch)
     result = {"protocol": args.protocol, "config": asdict(cfg), "timing": timing}
     if args.visualize:
@@ -64,6 +64,10 @@ def run_clusters(args, backbone, device) -> dict:
     """TimeT's protocol: frames resized (short side) and centre-cropped to --size, patch features
     standardised + PCA-projected (at patch level; both are affine so they commute with the bilinear
     upsampling), upsampled to --eval-size, k-means per unit, matched, mIoU averaged over units."""
+    stride = feature_stride(backbone)
+    if args.size % stride:
+        raise SystemExit(f"error: --size {args.size} is not a multiple of the backbone's patch size {stride}; "
+                         f"use {args.size // stride * stride} or {(args.size // stride + 1) * stride}")
     feature_fn = dense_feature_fn(backbone, args.layer)
     units: list[tuple[list[torch.Tensor], list[np.ndarray]]] = []
     for sequence in open_sequences(args.data, subset=args.set):
@@ -166,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--ckpt", required=True, help="run dir, exported .safetensors, or DINO/timm/CRW checkpoint")
+    common.add_argument("--ckpt", required=True, help="run dir, exported .safetensors, or DINO/DINOv2/timm/CRW checkpoint")
     common.add_argument("--arch", help="architecture (models.build name) when it cannot be inferred")
     common.add_argument("--data", required=True, help="dataset folder (see the command)")
     common.add_argument("--out", help="output folder (default <run>/eval/<command> or ./eval-<command>)")
