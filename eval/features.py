@@ -44,9 +44,12 @@ def normalise_frames(frames: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return (x - mean_t) / std_t
 
 
-def dense_feature_fn(backbone: nn.Module, layer: int = 1, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> FeatureFn:
+def dense_feature_fn(backbone: nn.Module, layer: int = 1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     upsample: int = 1) -> FeatureFn:
     """Frames -> (B, D, h, w) L2-normalised features. ViTs: output of the ``layer``-th block from the end
-    after the final LayerNorm, CLS dropped (DINO's protocol); CNN encoders (``out_channels``): their map."""
+    after the final LayerNorm, CLS and registers dropped (DINO's protocol); CNN encoders
+    (``out_channels``): their map. ``upsample`` > 1 bilinearly enlarges the map by that factor before the
+    L2 normalisation (SMTC's stride-16 -> 8 setting B), so the cells are ``stride / upsample`` pixels."""
 
     @torch.inference_mode()
     def features(frames: torch.Tensor) -> torch.Tensor:
@@ -55,10 +58,12 @@ def dense_feature_fn(backbone: nn.Module, layer: int = 1, mean=IMAGENET_MEAN, st
             tokens = backbone.get_intermediate_layers(x, n=layer, norm=True)[0]
             patch = backbone.patch_size
             h, w = x.shape[-2] // patch, x.shape[-1] // patch
-            tokens = tokens[:, backbone.num_prefix_tokens:]  # drop CLS (DINO's protocol)
+            tokens = tokens[:, backbone.num_prefix_tokens:]  # drop CLS (DINO's protocol) and any registers
             fmap = tokens.transpose(1, 2).reshape(len(x), -1, h, w)
         else:
             fmap = backbone(x)
+        if upsample > 1:
+            fmap = F.interpolate(fmap.float(), scale_factor=upsample, mode="bilinear", align_corners=False)
         return F.normalize(fmap.float(), dim=1)
 
     return features
@@ -88,7 +93,8 @@ class PixelCells(nn.Module):
 def global_descriptor(backbone: nn.Module, images: torch.Tensor, n_last_blocks: int = 1,
                       avgpool: bool = False) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> (B, D') image descriptor: CLS tokens of the last ``n_last_blocks`` blocks
-    (after the final norm) concatenated, plus the mean patch token when ``avgpool`` (DINO eval_linear);
+    (after the final norm) concatenated, plus the mean patch token when ``avgpool`` (DINO eval_linear;
+    registers are not patches);
     CNNs: global average pool."""
     x = normalise_frames(images)
     if not hasattr(backbone, "get_intermediate_layers"):
@@ -96,5 +102,5 @@ def global_descriptor(backbone: nn.Module, images: torch.Tensor, n_last_blocks: 
     blocks = backbone.get_intermediate_layers(x, n=n_last_blocks, norm=True)
     parts = [block[:, 0] for block in blocks]
     if avgpool:
-        parts.append(blocks[-1][:, 1:].mean(dim=1))
+        parts.append(blocks[-1][:, backbone.num_prefix_tokens:].mean(dim=1))  # patches only, no registers
     return torch.cat(parts, dim=-1).float()

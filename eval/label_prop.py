@@ -16,6 +16,11 @@ Two presets reproduce the published protocols (team docs evaluation.md §2.2, §
   (distance < 12) on all but the first frame; temperature 0.05; first-frame labels bilinear-resized;
   output bilinear-resized to the original size, argmax.
 * ``smtc``: ``crw`` with SMTC's ViT-S/16 settings (top-7, radius 7, temperature 0.2).
+* ``smtc_upsampled``: SMTC's setting B: the ViT's feature map bilinearly upsampled x2 before the L2
+  normalisation (stride 16 -> 8, DINOv2's 14 -> 7), top-28, radius 35, temperature 0.2.
+
+Patch 14 (DINOv2): input sizes are floored to multiples of the patch (``network_size``); the ``dino``
+preset's long side is floored to a multiple of 64 only when the patch divides 64, else of the patch.
 
 Speed and memory: the context lives in a ring buffer (no re-stacking per frame), and the affinity is
 computed tile by tile: a tile of query cells only meets the key window its neighbourhood can reach, so
@@ -57,7 +62,8 @@ class PropagationConfig:
     label_resize: str = "nearest"    # first-frame labels to the feature grid: "nearest" | "bilinear"
     output: str = "dino"             # "dino": x stride bilinear, min-max, argmax, nearest | "crw": bilinear, argmax
     short_side: int | None = 480     # resize frames so the short side is this (None: keep the size)
-    size_multiple: int = 64          # floor the resized long side to a multiple of this
+    size_multiple: int = 64          # floor the resized long side to a multiple of this (if the stride divides it)
+    upsample: int = 1                # bilinear feature-map upsampling before propagation (SMTC setting B: 2)
     tile: int = 8                    # query tile side in cells (memory and speed knob; results identical)
 
     def __post_init__(self):
@@ -65,7 +71,7 @@ class PropagationConfig:
             raise ValueError(f"neighbourhood must be 'square' or 'circle', got {self.neighbourhood!r}")
         if self.label_resize not in ("nearest", "bilinear") or self.output not in ("dino", "crw"):
             raise ValueError("label_resize must be nearest|bilinear and output dino|crw")
-        if self.topk < 1 or self.context < 0 or self.temperature <= 0 or self.tile < 1:
+        if self.topk < 1 or self.context < 0 or self.temperature <= 0 or self.tile < 1 or self.upsample < 1:
             raise ValueError(f"invalid propagation settings: {self}")
 
 
@@ -77,18 +83,25 @@ PRESETS = {
 }
 # SMTC's setting A (ViT-S/16 features through CRW's propagation; evaluation.md §2.5): top-7, radius 7, T 0.2
 PRESETS["smtc"] = replace(PRESETS["crw"], topk=7, radius=7.0, temperature=0.2)
+# SMTC's setting B (features interpolated to stride 8 before the L2 norm): top-28, radius 35, T 0.2
+PRESETS["smtc_upsampled"] = replace(PRESETS["smtc"], topk=28, radius=35.0, upsample=2)
 
 
 def network_size(height: int, width: int, cfg: PropagationConfig, stride: int) -> tuple[int, int]:
     """Input size for the backbone: DINO's rule (short side to ``short_side``, long side floored to a
     multiple of ``size_multiple``), or with ``short_side=None`` the native size floored to a multiple of
-    the stride (a ViT silently drops the remainder otherwise, see SMTC's note)."""
+    the stride (a ViT silently drops the remainder otherwise, see SMTC's note). Both sides are always
+    multiples of the stride: for patch 14 the short side is floored too (480 -> 476) and the long side
+    is floored to a multiple of the stride where the stride does not divide ``size_multiple``."""
     if cfg.short_side is None:
         size = (height // stride * stride, width // stride * stride)
     else:
         multiple = max(cfg.size_multiple, stride)
+        if multiple % stride:
+            multiple = stride
         long_side = int(cfg.short_side * max(height, width) / min(height, width)) // multiple * multiple
-        size = (long_side, cfg.short_side) if height > width else (cfg.short_side, long_side)
+        short_side = cfg.short_side // stride * stride
+        size = (long_side, short_side) if height > width else (short_side, long_side)
     if min(size) < stride:
         raise ValueError(f"frames of {width}x{height} are smaller than one {stride}-pixel feature cell")
     return size
@@ -288,8 +301,15 @@ def sequence_features(sequence: Sequence, feature_fn, net_size: tuple[int, int],
 
 def propagate_sequences(sequences: list[Sequence], feature_fn, stride: int, cfg: PropagationConfig,
                         out_dir: str | Path, device: torch.device, batch: int = 8) -> dict:
-    """Propagate every sequence and write palette PNGs in the DAVIS layout (frame 0 = its ground truth)."""
+    """Propagate every sequence and write palette PNGs in the DAVIS layout (frame 0 = its ground truth).
+
+    ``stride`` is the backbone's (input sizes are multiples of it); ``feature_fn`` must already upsample
+    by ``cfg.upsample`` (``dense_feature_fn(..., upsample=cfg.upsample)``), making cells of
+    ``stride // cfg.upsample`` pixels."""
     out_dir = Path(out_dir)
+    if stride % cfg.upsample:
+        raise ValueError(f"upsample {cfg.upsample} does not divide the feature stride {stride}")
+    cell = stride // cfg.upsample
     frames_done, started = 0, time.perf_counter()
     for sequence in sequences:
         first_stem = sequence.frame_stems[0]
@@ -299,7 +319,7 @@ def propagate_sequences(sequences: list[Sequence], feature_fn, stride: int, cfg:
         net_size = network_size(*first_mask.shape, cfg, stride)
         write_mask(out_dir / sequence.name / f"{first_stem}.png", first_mask)
         feats = sequence_features(sequence, feature_fn, net_size, batch, device)
-        masks = propagate_video(feats, first_mask, first_mask.shape, cfg, stride)
+        masks = propagate_video(feats, first_mask, first_mask.shape, cfg, cell)
         for stem, mask in zip(sequence.frame_stems[1:], masks):
             write_mask(out_dir / sequence.name / f"{stem}.png", mask)
         frames_done += len(sequence.frames)
@@ -317,6 +337,8 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neighbourhood", choices=("square", "circle"), help="neighbourhood shape")
     parser.add_argument("--temperature", type=float, help="softmax temperature (dino 0.1, crw 0.05)")
     parser.add_argument("--short-side", type=int, help="resize frames to this short side (dino 480); 0 keeps size")
+    parser.add_argument("--upsample", type=int,
+                        help="bilinear feature upsampling before propagation (smtc_upsampled 2: stride 16->8, 14->7)")
     parser.add_argument("--tile", type=int, help="query tile side in cells (speed/memory only; default 8)")
     parser.add_argument("--layer", type=int, default=1, help="ViT block counted from the end (1 = last)")
     parser.add_argument("--batch", type=int, default=8, help="frames per backbone forward")
@@ -325,7 +347,8 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> PropagationConfig:
-    overrides = {k: getattr(args, k) for k in ("context", "topk", "radius", "neighbourhood", "temperature", "tile")
+    overrides = {k: getattr(args, k) for k in ("context", "topk", "radius", "neighbourhood", "temperature", "tile",
+                                                  "upsample")
                  if getattr(args, k) is not None}
     if args.short_side is not None:
         overrides["short_side"] = args.short_side or None

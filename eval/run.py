@@ -9,7 +9,7 @@
 
 ``--ckpt`` is a run directory (its backbone.safetensors), a checkpoint folder of a run
 (``RUN/checkpoints/step-N``), an exported .safetensors, or an official
-DINO / timm / CRW checkpoint (``--arch`` when the architecture cannot be inferred). Each command prints a
+DINO / DINOv2 / timm / CRW checkpoint (``--arch`` when the architecture cannot be inferred). Each command prints a
 table and writes ``<out>/<command>.json`` (``--out`` defaults to ``<run>/eval/<command>`` for a run
 directory and ``eval-<command>`` otherwise).
 """
@@ -45,7 +45,7 @@ def _batched(fn, items: np.ndarray, batch: int, device: torch.device) -> torch.T
 def run_labelprop(args, backbone, device) -> dict:
     cfg = label_prop.config_from_args(args)
     sequences = open_sequences(args.data, subset=args.set)
-    timing = label_prop.propagate_sequences(sequences, dense_feature_fn(backbone, args.layer),
+    timing = label_prop.propagate_sequences(sequences, dense_feature_fn(backbone, args.layer, upsample=cfg.upsample),
                                             feature_stride(backbone), cfg, args.out, device, args.batch)
     result = {"protocol": args.protocol, "config": asdict(cfg), "timing": timing}
     if args.visualize:
@@ -68,6 +68,10 @@ def run_clusters(args, backbone, device) -> dict:
     """TimeT's protocol: frames resized (short side) and centre-cropped to --size, patch features
     standardised + PCA-projected (at patch level; both are affine so they commute with the bilinear
     upsampling), upsampled to --eval-size, k-means per unit, matched, mIoU averaged over units."""
+    stride = feature_stride(backbone)
+    if args.size % stride:
+        raise SystemExit(f"error: --size {args.size} is not a multiple of the backbone's patch size {stride}; "
+                         f"use {args.size // stride * stride} or {(args.size // stride + 1) * stride}")
     feature_fn = dense_feature_fn(backbone, args.layer)
     units: list[tuple[list[torch.Tensor], list[np.ndarray]]] = []
     for sequence in open_sequences(args.data, subset=args.set):
@@ -171,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ckpt", help="run dir, its checkpoints/step-N folder, exported .safetensors, or "
-                                       "DINO/timm/CRW checkpoint (required unless labelprop --features pixels)")
+                                       "DINO/DINOv2/timm/CRW checkpoint (required unless labelprop --features pixels)")
     common.add_argument("--arch", help="architecture (models.build name) when it cannot be inferred")
     common.add_argument("--data", required=True, help="dataset folder (see the command)")
     common.add_argument("--out", help="output folder (default <run>/eval/<command> or ./eval-<command>)")

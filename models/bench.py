@@ -77,8 +77,11 @@ def timm_vit(like: nn.Module, img_size: int, fused: bool) -> nn.Module:
     """timm's VisionTransformer with the same shape as ``like`` (no classifier head)."""
     from timm.models.vision_transformer import VisionTransformer
 
+    layer_scale = getattr(like.blocks[0].ls1, "init_value", None)  # DINOv2's LayerScale and registers too
     model = VisionTransformer(img_size=img_size, patch_size=like.patch_size, embed_dim=like.embed_dim,
-                              depth=len(like.blocks), num_heads=like.num_heads, num_classes=0)
+                              depth=len(like.blocks), num_heads=like.num_heads, num_classes=0,
+                              init_values=layer_scale, reg_tokens=like.num_reg_tokens,
+                              no_embed_class=like.num_pos_prefix_tokens == 0 and like.num_prefix_tokens > 0)
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = fused

@@ -2,9 +2,12 @@
 
 Reads: our exports (safetensors with ``arch``/``kwargs`` metadata), official DINO checkpoints
 (plain backbone state dicts, or full training checkpoints with ``student``/``teacher`` and
-``module.``/``backbone.`` prefixes), timm ViT state dicts, CRW (videowalk) checkpoints, and the
-same formats written by DoRA/SMTC/TimeT (``encoder.`` prefixes). Writes: a backbone as a safetensors
-file with timm key names, loadable by ``timm.models.vision_transformer.VisionTransformer`` as is.
+``module.``/``backbone.`` prefixes), official DINOv2 checkpoints (``dinov2_vits14_pretrain.pth``,
+``dinov2_vits14_reg4_pretrain.pth``, ViT-B likewise, and DINOv2 training checkpoints with chunked
+blocks), timm ViT state dicts (DINOv2 ones included), CRW (videowalk) checkpoints, and the same formats
+written by DoRA/SMTC/TimeT (``encoder.`` prefixes). Writes: a backbone as a safetensors file with timm
+key names, loadable by ``timm.models.vision_transformer.VisionTransformer`` (or ``timm.create_model``
+of the same name, for DINOv2) as is.
 
 Pickled checkpoints are read with ``torch.load(weights_only=True)``: no code in a checkpoint runs
 unless the caller passes ``trust_pickle=True``.
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from models.registry import build
+from models.registry import DINOV2_SIZES, build
 from models.vit import VIT_SIZES, VisionTransformer, resize_pos_embed
 
 log = logging.getLogger(__name__)
@@ -93,11 +96,38 @@ def backbone_state_dict(checkpoint: dict, which: str = "teacher") -> tuple[dict[
         if any(key.startswith(prefix) for key in tensors):
             ignored += [key for key in tensors if not key.startswith(prefix)]
             tensors = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-    return tensors, ignored
+    return dinov2_to_timm(tensors), ignored
+
+
+def dinov2_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official DINOv2 key layout -> timm's, which our ViT stores; other layouts are returned as they are.
+
+    * Training checkpoints chunk the blocks (``blocks.<chunk>.<block>.``, the block index global):
+      back to ``blocks.<block>.``.
+    * Registers: ``register_tokens`` becomes ``reg_token``, and the CLS position is folded into
+      ``cls_token`` and dropped from ``pos_embed`` (as timm's ``_convert_dinov2``): the official model
+      adds positions to [CLS, patches] and then inserts the registers, which is the same computation.
+
+    ``mask_token`` (iBOT's masked-patch token, unused by a backbone) is left for ``load_weights`` to skip.
+    """
+    state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key): value for key, value in state.items()}
+    if "register_tokens" in state:
+        state = dict(state)
+        pos_embed = state.pop("pos_embed")
+        state["reg_token"] = state.pop("register_tokens")
+        state["cls_token"] = state.pop("cls_token") + pos_embed[:, :1]
+        state["pos_embed"] = pos_embed[:, 1:]
+    return state
+
+
+def _is_square(number: int) -> bool:
+    return number >= 0 and math.isqrt(number) ** 2 == number
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
-    """Registry name and constructor kwargs that fit a backbone state dict (standard shapes only)."""
+    """Registry name and constructor kwargs that fit a backbone state dict in timm's layout (standard
+    shapes only): DINOv2's LayerScale (``ls1.gamma``) at patch 14 with 0 or 4 registers names
+    ``vit_{size}_patch14[_reg4]_dinov2``; the native grid comes from ``pos_embed``."""
     if "patch_embed.proj.weight" in state:
         embed_dim, _, patch_size, _ = state["patch_embed.proj.weight"].shape
         depth = 1 + max(int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key)))
@@ -105,10 +135,25 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
         if (embed_dim, depth) not in sizes:
             raise ValueError(f"a ViT with width {embed_dim} and depth {depth} is not a registered size; "
                              "pass arch= (and its kwargs) explicitly")
+        size = sizes[embed_dim, depth]
         class_token = "cls_token" in state
-        side = math.isqrt(state["pos_embed"].shape[1] - int(class_token))
-        kwargs = {"img_size": side * patch_size, "class_token": class_token}
-        return f"vit_{sizes[embed_dim, depth]}_patch{patch_size}", kwargs
+        registers = state["reg_token"].shape[1] if "reg_token" in state else 0
+        positions = state["pos_embed"].shape[1]
+        prefix = int(class_token) + registers
+        # timm stores DINOv2-reg without positions for the prefix tokens (no_embed_class)
+        pos_prefix = prefix if _is_square(positions - prefix) else 0
+        if not _is_square(positions - pos_prefix):
+            raise ValueError(f"pos_embed has {positions} positions: neither a square grid nor one plus {prefix} "
+                             "prefix tokens; pass arch= explicitly")
+        kwargs = {"img_size": math.isqrt(positions - pos_prefix) * patch_size}
+        layer_scale = "blocks.0.ls1.gamma" in state
+        if layer_scale and patch_size == 14 and registers in (0, 4) and size in DINOV2_SIZES and class_token \
+                and pos_prefix == (0 if registers else 1):
+            return f"vit_{size}_patch14{'_reg4' if registers else ''}_dinov2", kwargs
+        kwargs["class_token"] = class_token
+        if registers:
+            kwargs.update(reg_tokens=registers, no_embed_class=pos_prefix == 0)
+        return f"vit_{size}_patch{patch_size}", kwargs
     if "layer1.0.conv1.weight" in state:
         removed = [name for name in ("layer3", "layer4") if f"{name}.0.conv1.weight" not in state]
         width = state["layer1.0.conv1.weight"].shape[0]
@@ -130,9 +175,6 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
     reference = model.state_dict()
     state = {key: value.to(reference[key].dtype) if key in reference and value.is_floating_point() else value
              for key, value in state.items()}
-    if isinstance(model, VisionTransformer) and "pos_embed" in state:
-        side = math.isqrt(model.pos_embed.shape[1] - model.num_prefix_tokens)
-        state["pos_embed"] = resize_pos_embed(state["pos_embed"], (side, side), model.num_prefix_tokens)
     missing = sorted(set(reference) - set(state))
     if missing and (strict or assign):
         raise ValueError(f"{source} lacks {len(missing)} weights of the model ({', '.join(missing[:5])}"
@@ -144,6 +186,19 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
         raise ValueError(f"{source} has {len(foreign)} weights this model does not implement "
                          f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): "
                          "it is a different architecture; pass the matching arch=")
+    if isinstance(model, VisionTransformer) and "pos_embed" in state:
+        side = math.isqrt(model.pos_embed.shape[1] - model.num_pos_prefix_tokens)
+        try:
+            state["pos_embed"] = resize_pos_embed(state["pos_embed"], (side, side), model.num_pos_prefix_tokens,
+                                                  model.pos_interpolation)
+        except ValueError:  # positions for another number of prefix tokens: reported with the shapes below
+            pass
+    wrong = [f"{key} {tuple(state[key].shape)} vs {tuple(reference[key].shape)}" for key in state
+             if key in reference and state[key].shape != reference[key].shape]
+    if wrong:
+        raise ValueError(f"{source} has {len(wrong)} weights of another shape than the model's "
+                         f"({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}): is the architecture right? "
+                         "Leave arch unset to infer it from the weights")
     model.load_state_dict({key: state[key] for key in state if key in reference}, strict=False, assign=assign)
     if unexpected:
         log.warning("%s: skipped %d entries that are not part of the backbone: %s%s", source, len(unexpected),
@@ -156,8 +211,9 @@ def load_backbone(path: str | Path, arch: str | None = None, which: str = "teach
     """Build a backbone from a checkpoint file and load its weights (eval mode, on CPU).
 
     ``arch`` (a ``models.build`` name) is read from our exports and inferred from standard DINO /
-    timm / CRW weights when not given. ``which`` picks the teacher or student of a training
-    checkpoint. ``overrides`` go to the constructor (e.g. ``attn="math"``, ``remove_layers=["layer4"]``).
+    DINOv2 / timm / CRW weights when not given. ``which`` picks the teacher or student of a training
+    checkpoint. ``overrides`` go to the constructor (e.g. ``attn="math"``, ``drop_path=0.1``,
+    ``img_size=224``, ``remove_layers=["layer4"]``); the result is a fresh, trainable model.
     """
     checkpoint, metadata = read_checkpoint(path, trust_pickle)
     state, ignored = backbone_state_dict(checkpoint, which)
@@ -173,6 +229,19 @@ def load_backbone(path: str | Path, arch: str | None = None, which: str = "teach
         model = build(arch, **{**kwargs, **overrides})
     load_weights(model, state, source=str(path), assign=True)
     return model.eval()
+
+
+def load_into(model: nn.Module, path: str | Path, which: str = "teacher", trust_pickle: bool = False) -> list[str]:
+    """Copy the backbone weights of a checkpoint file into an already built ``model`` (initialising a
+    training run from pretrained weights); returns the skipped entries.
+
+    Reads every format ``load_backbone`` reads; the model's architecture decides, and weights that do
+    not fit it (missing, foreign or of another shape) raise ``ValueError`` naming them. Positional
+    embeddings are resized to the model's grid with the model's interpolation rule.
+    """
+    checkpoint, _ = read_checkpoint(path, trust_pickle)
+    state, _ = backbone_state_dict(checkpoint, which)
+    return load_weights(model, state, source=str(path))
 
 
 def export_backbone(model: nn.Module, path: str | Path, arch: str | None = None, **kwargs) -> Path:

@@ -1,4 +1,8 @@
-"""Backbones by name: ``models.build("vit_small_patch16", attn="auto", drop_path=0.1)``."""
+"""Backbones by name: ``models.build("vit_small_patch16", attn="auto", drop_path=0.1)``.
+
+ViTs: ``vit_{tiny,small,base}_patch{8,16}`` (DINO's layout) and DINOv2's ``vit_{small,base}_patch14_dinov2``
+and ``vit_{small,base}_patch14_reg4_dinov2`` (timm's names; LayerScale, 0 or 4 registers, 518-px grid).
+"""
 from __future__ import annotations
 
 import functools
@@ -7,12 +11,16 @@ from collections.abc import Callable
 from torch import nn
 
 from models.resnet import resnet18_crw, resnet18_crw_w16
-from models.vit import VIT_SIZES, vit
+from models.vit import VIT_SIZES, vit, vit_dinov2
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"resnet18_crw": resnet18_crw, "resnet18_crw_w16": resnet18_crw_w16}
 for _size in VIT_SIZES:
     for _patch in (8, 16):
         MODELS[f"vit_{_size}_patch{_patch}"] = functools.partial(vit, _size, _patch)
+DINOV2_SIZES = ("small", "base")  # the sizes DINOv2 released with and without registers (L/g: not yet here)
+for _size in DINOV2_SIZES:
+    MODELS[f"vit_{_size}_patch14_dinov2"] = functools.partial(vit_dinov2, _size, 0)
+    MODELS[f"vit_{_size}_patch14_reg4_dinov2"] = functools.partial(vit_dinov2, _size, 4)
 
 
 def build(name: str, **kwargs) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Vision Transformer (ViT-Ti/S/B, patch 8 or 16) for dense self-supervised learning.
+"""Vision Transformer (ViT-Ti/S/B, patch 8, 14 or 16; DINOv2's LayerScale and registers) for dense SSL.
 
 Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.N.norm1``, ``blocks.N.attn.qkv``, ``blocks.N.mlp.fc1``, ``norm``), so
@@ -9,7 +9,15 @@ What the objectives need beyond a classifier ViT (objectives.md §0.1):
 * the last block's exact attention maps per head (DoRA) and keys (SMTC), while every other block
   keeps the memory-efficient kernel;
 * patch tokens with or without the final LayerNorm (SMTC and SelfPatch read them un-normed);
-* an optional CLS token (SelfPatch's backbone has none).
+* an optional CLS token (SelfPatch's backbone has none);
+* DINOv2's variants (``vit_dinov2``): LayerScale on both residual branches, optional register tokens
+  (stored as timm does: ``reg_token``, and no positional embedding for the prefix tokens, the CLS
+  position folded into ``cls_token``), a 518-px native grid (37 x 37 patches of 14) and the official
+  repository's interpolation of that grid to other sizes (see ``resize_pos_embed``).
+
+Token order is always ``[CLS, registers..., patches]``: the CLS stays at index 0 and patch tokens start
+at ``num_prefix_tokens`` (1 + registers), so every consumer that slices with ``num_prefix_tokens``
+excludes the registers from patch features.
 """
 from __future__ import annotations
 
@@ -36,14 +44,25 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return x * mask.div_(keep)
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
+POS_INTERPOLATIONS = ("offset", "antialias")
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int = 1,
+                     mode: str = "offset") -> torch.Tensor:
     """Bicubically resize the patch part of (1, prefix + n*n, D) positional embeddings to ``grid``.
 
-    Identity when the grid already matches. Follows DINO's interpolation (a scale factor of
-    (out + 0.1) / n, with the factor, not the size, mapping coordinates), which every reference
-    repository in objectives.md inherits, so DINO checkpoints give their published features at
-    480p. Computed in float32 and cast back.
+    Identity when the grid already matches. Computed in float32 and cast back. Two rules, as the
+    official code of each model family does it:
+
+    * ``"offset"``: DINO's interpolation (a scale factor of (out + 0.1) / n, with the factor, not the
+      size, mapping coordinates; no antialiasing), which every reference repository in objectives.md
+      inherits and which DINOv2 keeps for its models without registers (``interpolate_offset=0.1``),
+      so those checkpoints give their published features at 480p;
+    * ``"antialias"``: the exact output size, antialiased bicubic: DINOv2 with registers
+      (``interpolate_antialias=True, interpolate_offset=0``) and timm's ``resample_abs_pos_embed``.
     """
+    if mode not in POS_INTERPOLATIONS:
+        raise ValueError(f"unknown positional-embedding interpolation {mode!r}; choose one of {POS_INTERPOLATIONS}")
     n_patch = pos_embed.shape[1] - num_prefix_tokens
     side = math.isqrt(n_patch)
     if side * side != n_patch:
@@ -53,8 +72,11 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_
     prefix, patch = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     dim = pos_embed.shape[-1]
     patch = patch.reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
-    scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
-    patch = F.interpolate(patch, scale_factor=scale, mode="bicubic", align_corners=False)
+    if mode == "offset":
+        scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
+        patch = F.interpolate(patch, scale_factor=scale, mode="bicubic", align_corners=False)
+    else:
+        patch = F.interpolate(patch, size=grid, mode="bicubic", align_corners=False, antialias=True)
     assert patch.shape[-2:] == grid, (patch.shape, grid)
     patch = patch.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(pos_embed.dtype)
     return torch.cat([prefix, patch], dim=1)
@@ -131,27 +153,45 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerScale(nn.Module):
+    """Learned per-channel scale of a residual branch (CaiT; DINOv2's ``ls1`` / ``ls2``, key ``gamma``)."""
+
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gamma, self.init_value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block with stochastic depth on both residual branches."""
+    """Pre-norm transformer block with stochastic depth on both residual branches, and LayerScale on
+    them when ``layer_scale`` (its initial value) is given."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop_path: float = 0.0, attn: str = "auto"):
+                 drop_path: float = 0.0, attn: str = "auto", layer_scale: float | None = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias, attn)
+        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
 
     def forward_with_maps(self, x: torch.Tensor, return_attention: bool, return_keys: bool
                           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         y, probs, keys = self.attn.forward_with_maps(self.norm1(x), return_attention, return_keys)
-        x = x + drop_path(y, self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training), probs, keys
+        x = x + drop_path(self.ls1(y), self.drop_path, self.training)
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training), probs, keys
 
 
 class VisionTransformer(nn.Module):
@@ -159,40 +199,63 @@ class VisionTransformer(nn.Module):
 
     Args:
         img_size: side of the native (pretraining) resolution; sets the stored positional grid.
-        patch_size: 8 or 16 (any divisor of the input works).
+        patch_size: 8, 14 or 16 (any divisor of the input works).
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the usual ViT shape.
         drop_path: stochastic-depth rate of the last block, rising linearly from 0 in block 0.
         attn: attention kernel, ``"auto" | "xformers" | "sdpa" | "math"``.
         class_token: prepend a learned CLS token (False for SelfPatch's CaiT-style backbone).
         grad_checkpointing: recompute each block in the backward pass instead of storing its
             activations (training memory for compute; also settable later as an attribute).
+        layer_scale: initial value of LayerScale on both residual branches of every block (DINOv2:
+            1e-5); None: no LayerScale.
+        reg_tokens: learned register tokens inserted after the CLS token (DINOv2-reg: 4). They attend
+            and are attended to like any token, but are never returned as patch features.
+        no_embed_class: the positional embedding covers the patches only; the prefix tokens (CLS,
+            registers) get none (timm's layout of DINOv2-reg, whose CLS position is folded into
+            ``cls_token``).
+        pos_interpolation: how the stored grid is resized to other inputs, ``"offset"`` (DINO, DINOv2
+            without registers) or ``"antialias"`` (DINOv2 with registers, timm); see
+            :func:`resize_pos_embed`.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, attn: str = "auto", class_token: bool = True,
-                 grad_checkpointing: bool = False):
+                 grad_checkpointing: bool = False, layer_scale: float | None = None, reg_tokens: int = 0,
+                 no_embed_class: bool = False, pos_interpolation: str = "offset"):
         super().__init__()
+        if pos_interpolation not in POS_INTERPOLATIONS:
+            raise ValueError(f"unknown pos_interpolation {pos_interpolation!r}; choose one of {POS_INTERPOLATIONS}")
+        if reg_tokens < 0:
+            raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
         self.embed_dim = embed_dim
         self.patch_size = patch_size
         self.num_heads = num_heads
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.num_reg_tokens = reg_tokens
+        self.num_prefix_tokens = int(class_token) + reg_tokens
+        # prefix tokens that have an entry in pos_embed
+        self.num_pos_prefix_tokens = 0 if no_embed_class else self.num_prefix_tokens
+        self.pos_interpolation = pos_interpolation
         self.grad_checkpointing = grad_checkpointing
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
         num_patches = (img_size // patch_size) ** 2
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + num_patches, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_pos_prefix_tokens + num_patches, embed_dim))
         rates = [drop_path * index / max(depth - 1, 1) for index in range(depth)]  # linear in depth
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, attn) for rate in rates)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, attn, layer_scale) for rate in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """DINO/timm initialisation: truncated normal (std 0.02) for linears and embeddings."""
+        """DINO/timm initialisation: truncated normal (std 0.02) for linears and embeddings; registers
+        as DINOv2 (normal, std 1e-6); LayerScale at its initial value."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -200,6 +263,8 @@ class VisionTransformer(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+            elif isinstance(module, LayerScale):
+                module.reset_parameters()
 
     def set_attention_backend(self, attn: str) -> None:
         """Switch every block to another attention kernel (weights are unchanged)."""
@@ -207,11 +272,15 @@ class VisionTransformer(nn.Module):
             block.attn.backend = check_backend(attn)
 
     def prepare_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Images (B, 3, H, W) -> tokens (B, prefix + h*w, D) with positions added, and (h, w)."""
+        """Images (B, 3, H, W) -> tokens (B, prefix + h*w, D) ``[CLS, registers, patches]`` with
+        positions added, and (h, w)."""
         tokens, grid = self.patch_embed(x)
-        if self.cls_token is not None:
-            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        return tokens + resize_pos_embed(self.pos_embed, grid, self.num_prefix_tokens), grid
+        prefix = [token.expand(tokens.shape[0], -1, -1) for token in (self.cls_token, self.reg_token)
+                  if token is not None]
+        pos_embed = resize_pos_embed(self.pos_embed, grid, self.num_pos_prefix_tokens, self.pos_interpolation)
+        if self.num_pos_prefix_tokens == 0:  # the prefix has no positions: add, then prepend
+            return torch.cat([*prefix, tokens + pos_embed], dim=1), grid
+        return torch.cat([*prefix, tokens], dim=1) + pos_embed, grid
 
     def _run_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -222,10 +291,12 @@ class VisionTransformer(nn.Module):
                          return_keys: bool = False) -> dict:
         """Dense features of images (B, 3, H, W), H and W multiples of the patch size.
 
-        Returns a dict: ``cls`` (B, D) (absent without a class token), ``patches`` (B, h*w, D),
-        ``grid`` (h, w), and on request the last block's ``attention`` (B, heads, T, T) — exact
-        softmax maps — and ``keys`` (B, heads, T, d), where T = prefix + h*w. ``norm`` applies the
-        final LayerNorm to ``cls`` and ``patches``.
+        Returns a dict: ``cls`` (B, D) (absent without a class token), ``patches`` (B, h*w, D) (never
+        the registers), ``registers`` (B, R, D) (only with register tokens), ``grid`` (h, w), and on
+        request the last block's ``attention`` (B, heads, T, T) — exact softmax maps — and ``keys``
+        (B, heads, T, d), over all T = prefix + h*w tokens in the order CLS, registers, patches (the
+        patch columns are ``[..., num_prefix_tokens:]``). ``norm`` applies the final LayerNorm to
+        ``cls``, ``registers`` and ``patches``.
         """
         tokens, grid = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
@@ -241,6 +312,8 @@ class VisionTransformer(nn.Module):
         out = {"patches": tokens[:, self.num_prefix_tokens:], "grid": grid}
         if self.cls_token is not None:
             out["cls"] = tokens[:, 0]
+        if self.reg_token is not None:
+            out["registers"] = tokens[:, self.num_prefix_tokens - self.num_reg_tokens:self.num_prefix_tokens]
         if return_attention:
             out["attention"] = probs
         if return_keys:
@@ -255,7 +328,8 @@ class VisionTransformer(nn.Module):
     def get_intermediate_layers(self, x: torch.Tensor, n: int | Sequence[int] = 1, norm: bool = True
                                 ) -> list[torch.Tensor]:
         """Token outputs (B, prefix + h*w, D) of the last ``n`` blocks (or of the block indices in
-        ``n``), in block order; ``norm`` applies the final LayerNorm to each (as DINO does)."""
+        ``n``), in block order; ``norm`` applies the final LayerNorm to each (as DINO does). Patch
+        tokens are ``[:, num_prefix_tokens:]`` (CLS at 0, then any registers)."""
         depth = len(self.blocks)
         if isinstance(n, int) and not 1 <= n <= depth:
             raise ValueError(f"n={n} must be between 1 and the depth {depth}")
@@ -270,9 +344,22 @@ class VisionTransformer(nn.Module):
 
 
 def vit(size: str, patch_size: int = 16, **kwargs) -> VisionTransformer:
-    """A ViT of a named size (``tiny | small | base``); ``kwargs`` go to :class:`VisionTransformer`."""
+    """A ViT of a named size (``tiny | small | base``); ``kwargs`` go to :class:`VisionTransformer` and
+    may override the size's shape (``depth=2`` for a shallow copy in tests)."""
     if size not in VIT_SIZES:
         raise ValueError(f"unknown ViT size {size!r}; choose one of {sorted(VIT_SIZES)}")
     embed_dim, depth, num_heads = VIT_SIZES[size]
-    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                             **kwargs)
+    shape = {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}
+    return VisionTransformer(patch_size=patch_size, **{**shape, **kwargs})
+
+
+def vit_dinov2(size: str, reg_tokens: int = 0, **kwargs) -> VisionTransformer:
+    """DINOv2's ViT-S/14 or B/14 (timm's ``vit_{size}_patch14[_reg4]_dinov2``): a 518-px native grid
+    (37 x 37 patches), LayerScale (initialised at 1e-5, as DINOv2's training and timm do), and
+    ``reg_tokens`` registers. The positional grid is resized as the official hub models do it: DINO's
+    offset rule without registers, antialiased bicubic with them. ``kwargs`` override any of these
+    (e.g. ``img_size=224`` to store a 16 x 16 grid) and go to :class:`VisionTransformer`.
+    """
+    defaults = {"img_size": 518, "layer_scale": 1e-5, "reg_tokens": reg_tokens, "no_embed_class": reg_tokens > 0,
+                "pos_interpolation": "antialias" if reg_tokens else "offset"}
+    return vit(size, 14, **{**defaults, **kwargs})

@@ -113,3 +113,36 @@ def test_ckpt_accepts_a_checkpoint_folder(run_dir, davis_dir, tmp_path):
     from_step = run_eval(*args, "--ckpt", step, "--out", tmp_path / "a")
     from_run = run_eval(*args, "--ckpt", run_dir, "--out", tmp_path / "b")
     assert from_step["scores"] == from_run["scores"]
+
+
+@pytest.fixture(scope="module")
+def dinov2_checkpoint(tmp_path_factory):
+    """A random-weight ViT-S/14 with 4 registers in the official DINOv2 file layout and name."""
+    from tests.models.dinov2_checkpoints import official_dinov2_state
+
+    path = tmp_path_factory.mktemp("dinov2") / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(official_dinov2_state("small", 4), path)
+    return path
+
+
+def test_dinov2_checkpoint_labelprop_and_clusters(dinov2_checkpoint, davis_dir, tmp_path):
+    # 128x96 frames -> 126x84 inputs (multiples of 14): a 9 x 6 grid, or 18 x 12 cells upsampled x2.
+    # One sequence (a ViT-S on the CPU): a subset list in a copy of the DAVIS folder.
+    davis_dir = shutil.copytree(davis_dir, tmp_path / "davis")
+    (davis_dir / "ImageSets" / "2017" / "one.txt").write_text("synth00\n")
+    common = ["--ckpt", dinov2_checkpoint, "--data", davis_dir, "--set", "one", "--context", "4", "--device", "cpu"]
+    stride14 = run_eval("labelprop", *common, "--protocol", "smtc", "--out", tmp_path / "s14")
+    stride7 = run_eval("labelprop", *common, "--protocol", "smtc_upsampled", "--radius", "12",
+                       "--out", tmp_path / "s7")
+    for result, out in ((stride14, "s14"), (stride7, "s7")):
+        assert 0.0 <= result["scores"]["J&F-Mean"] <= 1.0
+        assert len(list((tmp_path / out / "synth00").glob("*.png"))) == 32 and not (tmp_path / out / "synth01").exists()
+    assert stride7["config"]["upsample"] == 2 and stride14["config"]["upsample"] == 1
+    assert stride7["scores"] != stride14["scores"]  # the finer grid propagates differently
+    clusters = run_eval("clusters", "--ckpt", dinov2_checkpoint, "--data", davis_dir, "--set", "one",
+                        "--granularity", "clip", "--clip-frames", "8", "--size", "112", "--eval-size", "32",
+                        "--out", tmp_path / "c", "--device", "cpu")
+    assert clusters["scores"]["units"] == 4 and 0.0 < clusters["scores"]["mIoU"] <= 1.0
+    with pytest.raises(SystemExit, match="--size 100 is not a multiple of the backbone's patch size 14"):
+        run_eval("clusters", "--ckpt", dinov2_checkpoint, "--data", davis_dir, "--size", "100",
+                 "--out", tmp_path / "c", "--device", "cpu")

@@ -22,6 +22,23 @@ def test_dense_features_vit_and_resnet():
     assert cnn.shape == (2, resnet.out_channels, 4, 6) and ft.feature_stride(resnet) == 8
 
 
+def test_dense_features_drop_registers_and_upsample():
+    from models.vit import VisionTransformer
+
+    frames = torch.randint(0, 256, (2, 28, 42, 3), dtype=torch.uint8)
+    vit = VisionTransformer(img_size=56, patch_size=14, embed_dim=48, depth=2, num_heads=3, layer_scale=0.5,
+                            reg_tokens=4, no_embed_class=True).eval()
+    tokens = vit.forward_features(ft.normalise_frames(frames))["patches"]          # (2, 6, 48), no registers
+    raw = tokens.transpose(1, 2).reshape(2, -1, 2, 3)
+    torch.testing.assert_close(ft.dense_feature_fn(vit)(frames), torch.nn.functional.normalize(raw, dim=1))
+    up = ft.dense_feature_fn(vit, upsample=2)(frames)
+    expected = torch.nn.functional.interpolate(raw, scale_factor=2, mode="bilinear", align_corners=False)
+    assert up.shape == (2, 48, 4, 6)
+    torch.testing.assert_close(up, torch.nn.functional.normalize(expected, dim=1))  # normalised after upsampling
+    pooled = ft.global_descriptor(vit, frames, avgpool=True)
+    torch.testing.assert_close(pooled[:, 48:], vit.forward_features(ft.normalise_frames(frames))["patches"].mean(1))
+
+
 def test_global_descriptor_concatenates_blocks():
     vit = models.build("vit_tiny_patch16").eval()
     images = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)

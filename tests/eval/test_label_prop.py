@@ -118,6 +118,11 @@ def test_network_size_follows_each_protocol():
     assert network_size(854, 480, PRESETS["dino"], 16) == (832, 480)
     assert network_size(480, 854, PRESETS["crw"], 16) == (480, 848)
     assert network_size(480, 854, PRESETS["crw"], 8) == (480, 848)
+    # patch 14 (DINOv2): both sides multiples of 14; 64 is not one, so the long side is floored to 14s
+    assert network_size(480, 854, PRESETS["dino"], 14) == (476, 854)
+    assert network_size(854, 480, PRESETS["dino"], 14) == (854, 476)
+    assert network_size(480, 854, PRESETS["smtc"], 14) == (476, 854)
+    assert PRESETS["smtc_upsampled"].upsample == 2 and PRESETS["smtc_upsampled"].topk == 28
 
 
 def test_first_frame_labels_one_hot_and_void():

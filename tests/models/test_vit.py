@@ -214,3 +214,42 @@ def test_480p_inference_memory_stays_below_one_attention_matrix():
         vit.forward_features(frame)
     one_attention_matrix = 6 * 6481 ** 2 * 4  # heads x N x N float32: 1.0 GB
     assert torch.cuda.max_memory_allocated() - base < one_attention_matrix / 4
+
+
+def test_registers_and_layer_scale_keep_the_token_contract():
+    # float64 so the kernels agree to rounding; registers sit between CLS and the patches
+    x = torch.randn(2, 3, 48, 80, dtype=torch.float64)
+    outs = {}
+    for name in ("math", "sdpa"):
+        vit = tiny_vit(attn=name, layer_scale=0.5, reg_tokens=4, no_embed_class=True).double()
+        outs[name] = vit.forward_features(x)
+    out = vit.forward_features(x, return_attention=True, return_keys=True)  # exact float32 maps, last block
+    assert vit.num_prefix_tokens == 5 and vit.pos_embed.shape == (1, 16, 48)  # no positions for the prefix
+    assert out["patches"].shape == (2, 15, 48) and out["registers"].shape == (2, 4, 48)
+    assert out["attention"].shape == (2, 3, 20, 20) and out["keys"].shape == (2, 3, 20, 16)
+    for key in ("cls", "registers", "patches"):
+        torch.testing.assert_close(outs["sdpa"][key], outs["math"][key], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(out[key], outs["math"][key], atol=1e-6, rtol=1e-5)
+    last = vit.get_intermediate_layers(x, n=1)[0]
+    torch.testing.assert_close(last[:, vit.num_prefix_tokens:], out["patches"])
+    torch.testing.assert_close(last[:, 0], out["cls"])
+    # LayerScale scales the residual branches: gamma 0 makes every block the identity
+    for block in vit.blocks:
+        block.ls1.gamma.data.zero_()
+        block.ls2.gamma.data.zero_()
+    tokens, _ = vit.prepare_tokens(x)
+    torch.testing.assert_close(vit.get_intermediate_layers(x, n=1, norm=False)[0], tokens)
+    assert [name for name, _ in vit.blocks[0].named_parameters() if "ls" in name] == ["ls1.gamma", "ls2.gamma"]
+
+
+def test_dinov2_names_build_timms_shapes():
+    with torch.device("meta"):
+        small, base_reg = models.build("vit_small_patch14_dinov2"), models.build("vit_base_patch14_reg4_dinov2")
+    assert small.pos_embed.shape == (1, 1 + 37 * 37, 384) and small.patch_size == 14
+    assert small.pos_interpolation == "offset" and base_reg.pos_interpolation == "antialias"
+    assert base_reg.pos_embed.shape == (1, 37 * 37, 768) and base_reg.reg_token.shape == (1, 4, 768)
+    assert sum(p.numel() for p in small.parameters()) == 22_056_192  # timm vit_small_patch14_dinov2, no head
+    antialiased = resize_pos_embed(torch.randn(1, 16, 4), (2, 7), num_prefix_tokens=0, mode="antialias")
+    assert antialiased.shape == (1, 14, 4)
+    with pytest.raises(ValueError, match="interpolation"):
+        resize_pos_embed(torch.randn(1, 16, 4), (2, 7), 0, mode="nearest")

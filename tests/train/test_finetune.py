@@ -161,3 +161,24 @@ def test_run_records_the_init_and_trains_only_the_named_blocks(jpeg_shards, tmp_
         assert torch.equal(value, model.state_dict()[name]) != name.startswith("blocks.11."), name
     assert run.main(argv("dino", jpeg_shards, tmp_path / "scratch", 1)) == 0
     assert "fresh start | random init" in capsys.readouterr().out
+
+
+def test_init_from_an_official_dinov2_checkpoint_and_train_a_step(tmp_path):
+    from tests.models.dinov2_checkpoints import official_dinov2_state
+
+    state = official_dinov2_state("small", 4)
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(state, path)
+    torch.manual_seed(0)
+    cfg = DINOConfig(**{**TINY_DINO.__dict__, "global_size": 28, "local_size": 14})
+    objective = OBJECTIVES["dino"](cfg, arch="vit_small_patch14_reg4_dinov2", total_steps=10, steps_per_epoch=5)
+    note = load_init(objective, str(path))
+    assert "1 non-backbone entries skipped" in note  # mask_token
+    # the official registers layout arrives in timm's: reg_token, CLS position folded into cls_token
+    torch.testing.assert_close(objective.student.reg_token, state["register_tokens"], rtol=0, atol=0)
+    torch.testing.assert_close(objective.teacher.net.cls_token, state["cls_token"] + state["pos_embed"][:, :1],
+                               rtol=0, atol=0)
+    batch = {"global": torch.randn(2, 2, 1, 3, 28, 28, generator=torch.Generator().manual_seed(3))}
+    loss, _ = objective(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and objective.student.blocks[11].ls2.gamma.grad.abs().sum() > 0
