@@ -223,9 +223,10 @@ def test_two_process_gloo_run_with_frozen_blocks_and_a_frozen_first_step(jpeg_sh
 
 
 @pytest.mark.gpu
-def test_dino_on_gpu_runs_in_bf16_and_reports_memory(jpeg_shards, tmp_path):
+@pytest.mark.parametrize("method", ["dino", "timet"])
+def test_on_gpu_runs_in_bf16_and_reports_memory(method, jpeg_shards, tmp_path):
     out = tmp_path / "gpu"
-    args = [a for a in argv("dino", jpeg_shards, out, 3, "--report") if a != "--cpu"]
+    args = [a for a in argv(method, jpeg_shards, out, 3, "--report") if a != "--cpu"]
     assert run.main(args) == 0
     report = json.loads((out / "throughput.json").read_text())
     assert report["device"].startswith("cuda") and report["peak_memory_gib"] > 0
