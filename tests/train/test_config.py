@@ -31,6 +31,13 @@ def test_paper_defaults():
     assert (d.out_dim, d.teacher_temp, d.momentum_teacher, d.local_crops) == (65536, 0.04, 0.996, 8)
     assert (dino.optim.lr, dino.optim.lr_reference_batch, dino.optim.clip_mode) == (5e-4, 256, "per_param")
     assert dino.model.drop_path == 0.1
+    timet = load_config("timet", overrides={"data.path": "/d"})
+    t = timet.objective
+    assert (t.num_prototypes, t.clip_len, t.size, t.teacher, t.sinkhorn_iterations, t.ff_context) == (
+        200, 4, 224, "ema", 10, 7)
+    assert (timet.data.batch_size, timet.optim.lr, timet.optim.backbone_lr_mult, timet.optim.lr_scaling) == (
+        128, 1e-4, 0.1, "none")
+    assert timet.model.trainable == ("blocks.10", "blocks.11") and timet.model.arch == "vit_small_patch16"
 
 
 def test_layers_apply_in_order(tmp_path):

@@ -24,7 +24,18 @@ TINY = {
     "dino": ["--model.arch", "vit_tiny_patch16", "--dino.global_size", "32", "--dino.local_size", "16",
              "--dino.local_crops", "2", "--dino.out_dim", "64", "--dino.head_hidden_dim", "32",
              "--dino.head_bottleneck_dim", "16"],
+    # 3 x 3 patches (the forwarder keeps its top 5), 4 frames 4 apart in the 32-frame videos
+    "timet": ["--model.arch", "vit_tiny_patch16", "--timet.size", "48", "--timet.frame_stride", "4",
+              "--timet.num_prototypes", "8", "--timet.head_dims", "[16, 8]"],
 }
+# Per method: logged keys that must be there, and the checkpoint prefix of the exported backbone.
+LOGGED = {
+    "crw": ({"xent_k1", "xent_k2", "acc_k1", "node_std", "lr"}, "encoder."),
+    "dino": ({"teacher_entropy", "feature_std", "momentum", "teacher_temp", "wd"}, "teacher."),
+    "timet": ({"label_clusters", "target_accuracy", "source_confidence", "momentum", "lr", "backbone_lr"},
+              "student."),
+}
+SAVED = {"crw": ("patch_size", 16), "dino": ("out_dim", 64), "timet": ("num_prototypes", 8)}
 
 
 def argv(method, data, out, steps, *extra):
@@ -47,13 +58,12 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         assert torch.isfinite(torch.tensor(r["loss"])) and r["samples_per_s"] > 0 and 0 <= r["data_wait_pct"] <= 100
-    if method == "dino":
-        assert {"teacher_entropy", "feature_std", "momentum", "teacher_temp", "wd"} <= set(records[0])
-    else:
-        assert {"xent_k1", "xent_k2", "acc_k1", "node_std", "lr"} <= set(records[0])
+    logged, prefix = LOGGED[method]
+    assert logged <= set(records[0])
     saved = load_config(method, str(out / "config.yaml"))
     assert (saved.run.steps, saved.data.batch_size, saved.data.path) == (2, 2, str(jpeg_shards))
-    assert saved.objective.patch_size == 16 if method == "crw" else saved.objective.out_dim == 64
+    field, value = SAVED[method]  # a --<method>.<key> option of TINY reached config.yaml
+    assert getattr(saved.objective, field) == value
     versions = json.loads((out / "versions.json").read_text())
     assert versions["torch"] == torch.__version__ and "git" in versions
     assert list((out / "tb").glob("events.out.tfevents.*"))
@@ -61,10 +71,9 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     assert state["step"] == 2 and state["loader"]["position"] == 4
     report = json.loads((out / "throughput.json").read_text())
     assert report["samples_per_s"] > 0 and report["tflops_per_step_per_rank"] > 0 and report["peak_memory_gib"] > 0
-    # The exported backbone is what eval loads: the teacher for DINO, the encoder for CRW.
+    # The exported backbone is what eval loads: the teacher for DINO, the student for TimeT, the encoder for CRW.
     backbone = models.io.load_backbone(out / "backbone.safetensors")
     trained = load_file(str(out / "checkpoints/step-000002/model.safetensors"))
-    prefix = "teacher." if method == "dino" else "encoder."
     exported = {k: v for k, v in trained.items() if k.startswith(prefix)}
     assert len(exported) == len(backbone.state_dict())
     for value in backbone.state_dict().values():
@@ -76,13 +85,15 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     assert any(not torch.equal(v, load_file(str(out / "backbone.safetensors"))[k]) for k, v in init.items())
 
 
-def test_dino_resumed_from_a_checkpoint_equals_uninterrupted(jpeg_shards, tmp_path):
-    """4 steps straight vs 2 steps + resume: bit-identical weights, optimiser state and EMA teacher."""
+@pytest.mark.parametrize("method,extra", [("dino", ()), ("timet", ("--timet.queue_size", "64"))])
+def test_resumed_from_a_checkpoint_equals_uninterrupted(method, extra, jpeg_shards, tmp_path):
+    """4 steps straight vs 2 steps + resume: bit-identical weights, optimiser state and EMA teacher
+    (TimeT: and its queue, which fills during step 4, and its frozen blocks)."""
     straight = tmp_path / "straight"
-    assert run.main(argv("dino", jpeg_shards, straight, 4, "--run.ckpt_every", "2")) == 0
+    assert run.main(argv(method, jpeg_shards, straight, 4, "--run.ckpt_every", "2", *extra)) == 0
     resumed = tmp_path / "resumed"
     half = straight / "checkpoints/step-000002"
-    assert run.main(argv("dino", jpeg_shards, resumed, 4, "--resume", str(half))) == 0
+    assert run.main(argv(method, jpeg_shards, resumed, 4, "--resume", str(half), *extra)) == 0
     same_tensors(straight / "checkpoints/step-000004/model.safetensors",
                  resumed / "checkpoints/step-000004/model.safetensors")
     same_tensors(straight / "backbone.safetensors", resumed / "backbone.safetensors")
@@ -217,9 +228,10 @@ def test_two_process_gloo_run_with_frozen_blocks_and_a_frozen_first_step(jpeg_sh
 
 
 @pytest.mark.gpu
-def test_dino_on_gpu_runs_in_bf16_and_reports_memory(jpeg_shards, tmp_path):
+@pytest.mark.parametrize("method", ["dino", "timet"])
+def test_on_gpu_runs_in_bf16_and_reports_memory(method, jpeg_shards, tmp_path):
     out = tmp_path / "gpu"
-    args = [a for a in argv("dino", jpeg_shards, out, 3, "--report") if a != "--cpu"]
+    args = [a for a in argv(method, jpeg_shards, out, 3, "--report") if a != "--cpu"]
     assert run.main(args) == 0
     report = json.loads((out / "throughput.json").read_text())
     assert report["device"].startswith("cuda") and report["peak_memory_gib"] > 0
