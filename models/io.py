@@ -108,6 +108,8 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
         class_token = "cls_token" in state
         side = math.isqrt(state["pos_embed"].shape[1] - int(class_token))
         kwargs = {"img_size": side * patch_size, "class_token": class_token}
+        if "norm.weight" not in state:  # SelfPatch's CaiT-style backbone ends without a LayerNorm
+            kwargs["final_norm"] = False
         return f"vit_{sizes[embed_dim, depth]}_patch{patch_size}", kwargs
     if "layer1.0.conv1.weight" in state:
         removed = [name for name in ("layer3", "layer4") if f"{name}.0.conv1.weight" not in state]
