@@ -24,6 +24,9 @@ TINY = {
     "dino": ["--model.arch", "vit_tiny_patch16", "--dino.global_size", "32", "--dino.local_size", "16",
              "--dino.local_crops", "2", "--dino.out_dim", "64", "--dino.head_hidden_dim", "32",
              "--dino.head_bottleneck_dim", "16"],
+    "selfpatch": ["--model.arch", "vit_tiny_patch16", "--selfpatch.global_size", "64", "--selfpatch.local_size", "48",
+                  "--selfpatch.local_crops", "2", "--selfpatch.out_dim", "64", "--selfpatch.patch_out_dim", "32",
+                  "--selfpatch.head_hidden_dim", "32", "--selfpatch.head_bottleneck_dim", "16"],
 }
 
 
@@ -49,6 +52,8 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
         assert torch.isfinite(torch.tensor(r["loss"])) and r["samples_per_s"] > 0 and 0 <= r["data_wait_pct"] <= 100
     if method == "dino":
         assert {"teacher_entropy", "feature_std", "momentum", "teacher_temp", "wd"} <= set(records[0])
+    elif method == "selfpatch":
+        assert {"cls_loss", "patch_loss", "teacher_patch_entropy", "momentum", "teacher_temp"} <= set(records[0])
     else:
         assert {"xent_k1", "xent_k2", "acc_k1", "node_std", "lr"} <= set(records[0])
     saved = load_config(method, str(out / "config.yaml"))
@@ -61,23 +66,25 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     assert state["step"] == 2 and state["loader"]["position"] == 4
     report = json.loads((out / "throughput.json").read_text())
     assert report["samples_per_s"] > 0 and report["tflops_per_step_per_rank"] > 0 and report["peak_memory_gib"] > 0
-    # The exported backbone is what eval loads: the teacher for DINO, the encoder for CRW.
+    # The exported backbone is what eval loads: the teacher for DINO and SelfPatch, the encoder for CRW.
     backbone = models.io.load_backbone(out / "backbone.safetensors")
     trained = load_file(str(out / "checkpoints/step-000002/model.safetensors"))
-    prefix = "teacher." if method == "dino" else "encoder."
+    prefix = "encoder." if method == "crw" else "teacher."
     exported = {k: v for k, v in trained.items() if k.startswith(prefix)}
     assert len(exported) == len(backbone.state_dict())
     for value in backbone.state_dict().values():
         assert any(torch.equal(value, e) for e in exported.values() if e.shape == value.shape)
 
 
-def test_dino_resumed_from_a_checkpoint_equals_uninterrupted(jpeg_shards, tmp_path):
-    """4 steps straight vs 2 steps + resume: bit-identical weights, optimiser state and EMA teacher."""
+@pytest.mark.parametrize("method", ["dino", "selfpatch"])
+def test_teacher_student_run_resumed_from_a_checkpoint_equals_uninterrupted(method, jpeg_shards, tmp_path):
+    """4 steps straight vs 2 steps + resume: bit-identical weights, optimiser state, EMA teacher and
+    centers (SelfPatch's patch center included)."""
     straight = tmp_path / "straight"
-    assert run.main(argv("dino", jpeg_shards, straight, 4, "--run.ckpt_every", "2")) == 0
+    assert run.main(argv(method, jpeg_shards, straight, 4, "--run.ckpt_every", "2")) == 0
     resumed = tmp_path / "resumed"
     half = straight / "checkpoints/step-000002"
-    assert run.main(argv("dino", jpeg_shards, resumed, 4, "--resume", str(half))) == 0
+    assert run.main(argv(method, jpeg_shards, resumed, 4, "--resume", str(half))) == 0
     same_tensors(straight / "checkpoints/step-000004/model.safetensors",
                  resumed / "checkpoints/step-000004/model.safetensors")
     same_tensors(straight / "backbone.safetensors", resumed / "backbone.safetensors")
