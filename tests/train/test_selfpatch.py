@@ -23,7 +23,8 @@ def build(cfg=TINY):
 
 def batch(b=2, seed=2):
     g = torch.Generator().manual_seed(seed)
-    return {"global": torch.randn(b, 2, 1, 3, 64, 64, generator=g), "local": torch.randn(b, 2, 1, 3, 48, 48, generator=g)}
+    return {"global": torch.randn(b, 2, 1, 3, 64, 64, generator=g),
+            "local": torch.randn(b, 2, 1, 3, 48, 48, generator=g)}
 
 
 # ---- neighbour choice -------------------------------------------------------------------------
