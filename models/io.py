@@ -151,6 +151,8 @@ def infer_arch(state: dict[str, torch.Tensor]) -> tuple[str, dict]:
                 and pos_prefix == (0 if registers else 1):
             return f"vit_{size}_patch14{'_reg4' if registers else ''}_dinov2", kwargs
         kwargs["class_token"] = class_token
+        if "norm.weight" not in state:  # SelfPatch's CaiT-style backbone ends without a LayerNorm
+            kwargs["final_norm"] = False
         if registers:
             kwargs.update(reg_tokens=registers, no_embed_class=pos_prefix == 0)
         return f"vit_{size}_patch{patch_size}", kwargs

@@ -44,6 +44,22 @@ def neighbour_table(grid: tuple[int, int], kernel: int = 3, wrap: bool = True) -
     return index, valid.gather(1, order)
 
 
+def most_similar_neighbours(x: torch.Tensor, grid: tuple[int, int], k: int, wrap: bool = True
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's ``k`` most cosine-similar patches among its 8 neighbours (3x3 window, itself excluded).
+
+    ``x`` (B, N, D) row-major patch tokens of an (h, w) ``grid``. Returns token indices (B, N, k),
+    most similar first, and their validity (B, N, k): with ``wrap`` the window wraps around the
+    borders (SelfPatch's code) and every pick is valid; without it a border patch has only its real
+    neighbours (5 on an edge, 3 in a corner) and the picks beyond those are filler marked False.
+    """
+    index, valid = (t.to(x.device) for t in neighbour_table(grid, 3, wrap))
+    unit = F.normalize(x, dim=-1)
+    similarity = torch.einsum("bnkd,bnd->bnk", unit[:, index], unit).masked_fill(~valid, float("-inf"))
+    best, order = similarity.topk(k, dim=-1)
+    return index.expand(len(x), -1, -1).gather(2, order), best.isfinite()
+
+
 class ClassAttention(nn.Module):
     """Attention of the first token (the CLS) over all tokens; returns the CLS update (B, 1, D)."""
 
@@ -121,14 +137,11 @@ class SelfPatchHead(nn.Module):
             if side * side != patches:
                 raise ValueError(f"{patches} patches are not a square grid: pass grid=(h, w)")
             grid = (side, side)
-        index, valid = (t.to(x.device) for t in neighbour_table(grid, 3, self.wrap))
-        unit = F.normalize(x, dim=-1)
-        similarity = torch.einsum("bnkd,bnd->bnk", unit[:, index], unit).masked_fill(~valid, float("-inf"))
-        best, chosen = similarity.topk(self.k_num, dim=-1)                           # (B, N, k)
-        neighbours = x[:, index].gather(2, chosen[..., None].expand(-1, -1, -1, dim))  # (B, N, k, D)
+        chosen, valid = most_similar_neighbours(x, grid, self.k_num, self.wrap)      # (B, N, k)
+        neighbours = x[torch.arange(batch, device=x.device)[:, None, None], chosen]  # (B, N, k, D)
         key_mask = None
         if not self.wrap:  # a corner has 3 neighbours: never attend to the filler picks
-            key_mask = torch.cat([best.new_ones(batch, patches, 1, dtype=torch.bool), best.isfinite()], dim=-1)
+            key_mask = torch.cat([valid.new_ones(batch, patches, 1), valid], dim=-1)
             key_mask = key_mask.flatten(0, 1)
         local_cls = self.summarise(neighbours.flatten(0, 1), cls[:1].expand(batch * patches, -1, -1), key_mask)
         return self.norm(torch.cat([summary, local_cls.view(batch, patches, dim)], dim=1))

@@ -9,7 +9,7 @@ What the objectives need beyond a classifier ViT (objectives.md §0.1):
 * the last block's exact attention maps per head (DoRA) and keys (SMTC), while every other block
   keeps the memory-efficient kernel;
 * patch tokens with or without the final LayerNorm (SMTC and SelfPatch read them un-normed);
-* an optional CLS token (SelfPatch's backbone has none);
+* an optional CLS token and an optional final LayerNorm (SelfPatch's backbone has neither);
 * DINOv2's variants (``vit_dinov2``): LayerScale on both residual branches, optional register tokens
   (stored as timm does: ``reg_token``, and no positional embedding for the prefix tokens, the CLS
   position folded into ``cls_token``), a 518-px native grid (37 x 37 patches of 14) and the official
@@ -204,6 +204,8 @@ class VisionTransformer(nn.Module):
         drop_path: stochastic-depth rate of the last block, rising linearly from 0 in block 0.
         attn: attention kernel, ``"auto" | "xformers" | "sdpa" | "math"``.
         class_token: prepend a learned CLS token (False for SelfPatch's CaiT-style backbone).
+        final_norm: end with a LayerNorm (``norm``). SelfPatch's backbone has none (its head owns
+            the norm): without it ``norm`` is an identity, so "normed" features are the raw tokens.
         grad_checkpointing: recompute each block in the backward pass instead of storing its
             activations (training memory for compute; also settable later as an attribute).
         layer_scale: initial value of LayerScale on both residual branches of every block (DINOv2:
@@ -221,7 +223,8 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_path: float = 0.0, attn: str = "auto", class_token: bool = True,
-                 grad_checkpointing: bool = False, layer_scale: float | None = None, reg_tokens: int = 0,
+                 final_norm: bool = True, grad_checkpointing: bool = False, layer_scale: float | None = None,
+                 reg_tokens: int = 0,
                  no_embed_class: bool = False, pos_interpolation: str = "offset"):
         super().__init__()
         if pos_interpolation not in POS_INTERPOLATIONS:
@@ -245,7 +248,7 @@ class VisionTransformer(nn.Module):
         rates = [drop_path * index / max(depth - 1, 1) for index in range(depth)]  # linear in depth
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, rate, attn, layer_scale) for rate in rates)
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6) if final_norm else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

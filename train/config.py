@@ -151,13 +151,15 @@ def _plain(values: dict[str, Any]) -> dict[str, Any]:
 
 def field_help(cls: type) -> dict[str, str]:
     """Help per field: attribute docstrings (the string below a field), else ``name: text``
-    paragraphs of the class docstring (the style of pipeline.DataConfig)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    paragraphs of the class docstring (the style of pipeline.DataConfig). Fields inherited from a
+    dataclass base keep the base's text unless the subclass documents them again."""
     docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
+    for klass in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
     names = {f.name for f in dataclasses.fields(cls)}
     current = None
     for line in inspect.getdoc(cls).splitlines():

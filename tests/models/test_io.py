@@ -121,6 +121,20 @@ def test_timm_state_dict_with_classifier_and_resized_positions(tmp_path, caplog)
     torch.testing.assert_close(resized.pos_embed[:, 0], timm_vit.pos_embed[:, 0])
 
 
+def test_selfpatch_training_checkpoint_without_cls_token_or_final_norm(tmp_path):
+    """SelfPatch's layout: MultiCropWrapper keys (module.backbone.*) of a ViT with neither a CLS token
+    nor a final LayerNorm, next to its class-attention head; the backbone is rebuilt without both."""
+    torch.manual_seed(0)
+    selfpatch = models.build("vit_tiny_patch16", class_token=False, final_norm=False).eval()
+    teacher = {f"module.backbone.{k}": v for k, v in selfpatch.state_dict().items()}
+    teacher["module.ca_head.cls_token"] = torch.zeros(1, 1, 192)
+    path = tmp_path / "selfpatch.pth"
+    torch.save({"teacher": teacher}, path)
+    model = load_backbone(path)
+    assert model.cls_token is None and isinstance(model.norm, torch.nn.Identity)
+    assert_same_weights(model, selfpatch)
+
+
 def test_crw_checkpoint_and_test_time_layer_removal(tmp_path):
     torch.manual_seed(0)
     encoder = models.build("resnet18_crw").eval()

@@ -119,6 +119,19 @@ def test_without_class_token():
     assert vit.pos_embed.shape == (1, 16, 48)
 
 
+def test_without_final_norm_normed_features_are_the_raw_tokens():
+    """SelfPatch's backbone: no LayerNorm weights, and eval's norm=True reads the last block as is."""
+    torch.manual_seed(0)
+    vit = tiny_vit(class_token=False, final_norm=False)
+    assert not any(name.startswith("norm.") for name in vit.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    raw = vit.get_intermediate_layers(x, n=1, norm=False)[0]
+    standardised = torch.nn.functional.layer_norm(raw, raw.shape[-1:], eps=1e-6)
+    assert (raw - standardised).abs().max() > 0.1  # the raw block output, not a LayerNorm of it
+    torch.testing.assert_close(vit.get_intermediate_layers(x, n=1, norm=True)[0], raw)
+    torch.testing.assert_close(vit.forward_features(x)["patches"], raw)
+
+
 def test_drop_path_drops_whole_samples_and_rescales():
     torch.manual_seed(0)
     x = torch.ones(4000, 3, 2)

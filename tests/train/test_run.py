@@ -27,6 +27,9 @@ TINY = {
     # 3 x 3 patches (the forwarder keeps its top 5), 4 frames 4 apart in the 32-frame videos
     "timet": ["--model.arch", "vit_tiny_patch16", "--timet.size", "48", "--timet.frame_stride", "4",
               "--timet.num_prototypes", "8", "--timet.head_dims", "[16, 8]"],
+    "selfpatch": ["--model.arch", "vit_tiny_patch16", "--selfpatch.global_size", "64", "--selfpatch.local_size", "48",
+                  "--selfpatch.local_crops", "2", "--selfpatch.out_dim", "64", "--selfpatch.patch_out_dim", "32",
+                  "--selfpatch.head_hidden_dim", "32", "--selfpatch.head_bottleneck_dim", "16"],
 }
 # Per method: logged keys that must be there, and the checkpoint prefix of the exported backbone.
 LOGGED = {
@@ -34,8 +37,10 @@ LOGGED = {
     "dino": ({"teacher_entropy", "feature_std", "momentum", "teacher_temp", "wd"}, "teacher."),
     "timet": ({"label_clusters", "target_accuracy", "source_confidence", "momentum", "lr", "backbone_lr"},
               "student."),
+    "selfpatch": ({"cls_loss", "patch_loss", "teacher_patch_entropy", "momentum", "teacher_temp"}, "teacher."),
 }
-SAVED = {"crw": ("patch_size", 16), "dino": ("out_dim", 64), "timet": ("num_prototypes", 8)}
+SAVED = {"crw": ("patch_size", 16), "dino": ("out_dim", 64), "timet": ("num_prototypes", 8),
+         "selfpatch": ("patch_out_dim", 32)}
 
 
 def argv(method, data, out, steps, *extra):
@@ -71,7 +76,7 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     assert state["step"] == 2 and state["loader"]["position"] == 4
     report = json.loads((out / "throughput.json").read_text())
     assert report["samples_per_s"] > 0 and report["tflops_per_step_per_rank"] > 0 and report["peak_memory_gib"] > 0
-    # The exported backbone is what eval loads: the teacher for DINO, the student for TimeT, the encoder for CRW.
+    # The exported backbone is what eval loads: the teacher for DINO and SelfPatch, the student for TimeT, the encoder for CRW.
     backbone = models.io.load_backbone(out / "backbone.safetensors")
     trained = load_file(str(out / "checkpoints/step-000002/model.safetensors"))
     exported = {k: v for k, v in trained.items() if k.startswith(prefix)}
@@ -85,10 +90,10 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     assert any(not torch.equal(v, load_file(str(out / "backbone.safetensors"))[k]) for k, v in init.items())
 
 
-@pytest.mark.parametrize("method,extra", [("dino", ()), ("timet", ("--timet.queue_size", "64"))])
+@pytest.mark.parametrize("method,extra", [("dino", ()), ("selfpatch", ()), ("timet", ("--timet.queue_size", "64"))])
 def test_resumed_from_a_checkpoint_equals_uninterrupted(method, extra, jpeg_shards, tmp_path):
     """4 steps straight vs 2 steps + resume: bit-identical weights, optimiser state and EMA teacher
-    (TimeT: and its queue, which fills during step 4, and its frozen blocks)."""
+    (SelfPatch: and its patch center; TimeT: and its queue, which fills during step 4, and its frozen blocks)."""
     straight = tmp_path / "straight"
     assert run.main(argv(method, jpeg_shards, straight, 4, "--run.ckpt_every", "2", *extra)) == 0
     resumed = tmp_path / "resumed"

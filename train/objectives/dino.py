@@ -57,6 +57,21 @@ def teacher_temperature(epoch: int, warmup_temp: float, temp: float, warmup_epoc
     return warmup_temp + (temp - warmup_temp) * epoch / max(warmup_epochs - 1, 1)
 
 
+@torch.no_grad()
+def update_center_(center: torch.Tensor, outputs: list[torch.Tensor], momentum: float) -> None:
+    """center <- momentum * center + (1 - momentum) * mean of every row of ``outputs`` on all ranks.
+
+    ``outputs``: tensors (..., D) whose leading shapes may differ (e.g. global and local crops'
+    patch logits); each row counts once. The sum and the row count are all-reduced.
+    """
+    total = sum(at_least_fp32(out).reshape(-1, out.shape[-1]).sum(0) for out in outputs)
+    count = sum(out[..., 0].numel() for out in outputs)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total)
+        count *= dist.get_world_size()
+    center.mul_(momentum).add_(total.view_as(center) / count, alpha=1 - momentum)
+
+
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) over the last dimension, averaged over the rest."""
     return -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1).mean()
@@ -174,13 +189,7 @@ class DINO(Objective):
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """EMA of the teacher outputs' mean over views, batch and all ranks."""
-        total = teacher_logits.float().sum((0, 1))
-        count = teacher_logits.shape[0] * teacher_logits.shape[1]
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total)
-            count *= dist.get_world_size()
-        m = self.cfg.center_momentum
-        self.center.mul_(m).add_(total / count, alpha=1 - m)
+        update_center_(self.center, [teacher_logits], self.cfg.center_momentum)
 
     def before_optimizer_step(self, step: int) -> None:
         if self.epoch(step) < self.cfg.freeze_last_layer_epochs:
