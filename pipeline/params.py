@@ -71,7 +71,7 @@ def view_probabilities(spec: ViewSpec) -> tuple[np.ndarray, np.ndarray]:
     """Blur and solarize probability per view of the DINO recipe (shape (V, 1) to broadcast over Tc)."""
     if spec.family == "clip":
         return np.full((1, 1), 0.5), np.zeros((1, 1))
-    blur = [1.0 if g % 2 == 0 else 0.1 for g in range(spec.global_crops)] + [0.5] * spec.local_crops
+    blur = [spec.first_global_blur if g % 2 == 0 else 0.1 for g in range(spec.global_crops)] + [0.5] * spec.local_crops
     solar = [0.0 if g % 2 == 0 else 0.2 for g in range(spec.global_crops)] + [0.0] * spec.local_crops
     return np.array(blur)[:, None], np.array(solar)[:, None]
 

@@ -54,6 +54,8 @@ class ViewSpec:
     jitter: brightness, contrast, saturation, hue strengths (None: (0.4, 0.4, 0.2, 0.1), grid
         (0.1, 0.1, 0.1, 0.0)).
     per_frame_color: draw colour parameters per frame (DoRA) instead of once per view.
+    first_global_blur: multicrop: blur probability of the even-numbered global crops (DINO's recipe 1.0;
+        DoRA's single global clip 0.1).
     per_frame_local_boxes: multicrop: draw every local crop's box independently per frame (DoRA's
         local crops), instead of one box shared by the clip's frames.
     patch_size, patch_stride, patch_scale: CRW grid; N = ((size - P) // stride + 1) ** 2 patches.
@@ -77,6 +79,7 @@ class ViewSpec:
     jitter: tuple[float, float, float, float] | None = None
     per_frame_color: bool = False
     per_frame_local_boxes: bool = False
+    first_global_blur: float = 1.0
     patch_size: int = 64
     patch_stride: int = 32
     patch_scale: tuple[float, float] = (0.7, 0.9)

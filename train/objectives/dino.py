@@ -174,7 +174,7 @@ class DINO(Objective):
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """EMA of the teacher outputs' mean over views, batch and all ranks."""
-        total = teacher_logits.float().sum((0, 1))
+        total = at_least_fp32(teacher_logits).sum((0, 1))
         count = teacher_logits.shape[0] * teacher_logits.shape[1]
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
