@@ -24,7 +24,11 @@ TINY = {
     "dino": ["--model.arch", "vit_tiny_patch16", "--dino.global_size", "32", "--dino.local_size", "16",
              "--dino.local_crops", "2", "--dino.out_dim", "64", "--dino.head_hidden_dim", "32",
              "--dino.head_bottleneck_dim", "16"],
+    "dora": ["--model.arch", "vit_tiny_patch16", "--dora.global_size", "48", "--dora.local_size", "16",
+             "--dora.local_crops", "2", "--dora.frames", "3", "--dora.frame_stride", "4", "--dora.out_dim", "64",
+             "--dora.head_hidden_dim", "32", "--dora.head_bottleneck_dim", "16"],
 }
+TEACHER_METHODS = ("dino", "dora")   # export the EMA teacher as the backbone
 
 
 def argv(method, data, out, steps, *extra):
@@ -47,8 +51,9 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
         assert torch.isfinite(torch.tensor(r["loss"])) and r["samples_per_s"] > 0 and 0 <= r["data_wait_pct"] <= 100
-    if method == "dino":
+    if method in TEACHER_METHODS:
         assert {"teacher_entropy", "feature_std", "momentum", "teacher_temp", "wd"} <= set(records[0])
+        assert method != "dora" or 0 < records[0]["mask_fraction"] < 1
     else:
         assert {"xent_k1", "xent_k2", "acc_k1", "node_std", "lr"} <= set(records[0])
     saved = load_config(method, str(out / "config.yaml"))
@@ -64,7 +69,7 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     # The exported backbone is what eval loads: the teacher for DINO, the encoder for CRW.
     backbone = models.io.load_backbone(out / "backbone.safetensors")
     trained = load_file(str(out / "checkpoints/step-000002/model.safetensors"))
-    prefix = "teacher." if method == "dino" else "encoder."
+    prefix = "teacher." if method in TEACHER_METHODS else "encoder."
     exported = {k: v for k, v in trained.items() if k.startswith(prefix)}
     assert len(exported) == len(backbone.state_dict())
     for value in backbone.state_dict().values():
@@ -76,13 +81,16 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     assert any(not torch.equal(v, load_file(str(out / "backbone.safetensors"))[k]) for k, v in init.items())
 
 
-def test_dino_resumed_from_a_checkpoint_equals_uninterrupted(jpeg_shards, tmp_path):
-    """4 steps straight vs 2 steps + resume: bit-identical weights, optimiser state and EMA teacher."""
+@pytest.mark.parametrize("method,shards", [("dino", "jpeg_shards"), ("dora", "long_shards")])
+def test_resumed_from_a_checkpoint_equals_uninterrupted(method, shards, request, tmp_path):
+    """4 steps straight vs 2 steps + resume: bit-identical weights, optimiser state and EMA teacher
+    (DoRA: on `--kind long` shards of one synthetic long video; its random heads replay too)."""
+    data = request.getfixturevalue(shards)
     straight = tmp_path / "straight"
-    assert run.main(argv("dino", jpeg_shards, straight, 4, "--run.ckpt_every", "2")) == 0
+    assert run.main(argv(method, data, straight, 4, "--run.ckpt_every", "2")) == 0
     resumed = tmp_path / "resumed"
     half = straight / "checkpoints/step-000002"
-    assert run.main(argv("dino", jpeg_shards, resumed, 4, "--resume", str(half))) == 0
+    assert run.main(argv(method, data, resumed, 4, "--resume", str(half))) == 0
     same_tensors(straight / "checkpoints/step-000004/model.safetensors",
                  resumed / "checkpoints/step-000004/model.safetensors")
     same_tensors(straight / "backbone.safetensors", resumed / "backbone.safetensors")
