@@ -98,11 +98,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -
 
 
 def attention_maps(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Exact attention maps softmax(q kᵀ / sqrt(d)) for (B, heads, N, d) inputs -> float32 (B, heads, N, N).
+    """Exact attention maps softmax(q kᵀ / sqrt(d)) for (B, heads, N, d) inputs -> (B, heads, N, N),
+    float32 (float64 for float64 inputs).
 
-    Computed in float32 with autocast off, so maps read under bf16 training or evaluation are the
-    exact softmax of the (rounded) queries and keys, and each row sums to 1.
+    Computed in float32 or wider with autocast off, so maps read under bf16 training or evaluation
+    are the exact softmax of the (rounded) queries and keys, and each row sums to 1.
     """
+    dtype = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
-        logits = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
+        logits = (q.to(dtype) * q.shape[-1] ** -0.5) @ k.to(dtype).transpose(-2, -1)
         return logits.softmax(dim=-1)

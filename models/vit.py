@@ -6,8 +6,8 @@ official DINO checkpoints and timm state dicts load without renaming (see ``mode
 
 What the objectives need beyond a classifier ViT (objectives.md §0.1):
 * any input size: positional embeddings are interpolated to the token grid (non-square, 480p);
-* the last block's exact attention maps per head (DoRA) and keys (SMTC), while every other block
-  keeps the memory-efficient kernel;
+* the last block's exact attention maps per head and its queries (DoRA) and keys (DoRA, SMTC),
+  while every other block keeps the memory-efficient kernel;
 * patch tokens with or without the final LayerNorm (SMTC and SelfPatch read them un-normed);
 * an optional CLS token and an optional final LayerNorm (SelfPatch's backbone has neither);
 * DINOv2's variants (``vit_dinov2``): LayerScale on both residual branches, optional register tokens
@@ -124,20 +124,23 @@ class Attention(nn.Module):
         out = attention(q, k, v, resolve_backend(self.backend, x.device))
         return self.proj(out.flatten(2))
 
-    def forward_with_maps(self, x: torch.Tensor, return_attention: bool, return_keys: bool
-                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Like ``forward`` and also the exact float32 maps (B, heads, N, N) and keys (B, heads, N, d).
+    def forward_with_maps(self, x: torch.Tensor, return_attention: bool, return_keys: bool,
+                          return_queries: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Like ``forward`` and also the exact float32 maps (B, heads, N, N), keys and queries
+        (B, heads, N, d; unscaled, as projected).
 
-        Only asking for maps materialises the N x N matrix; keys alone keep the fast kernel.
+        Only asking for maps materialises the N x N matrix; keys or queries alone keep the fast kernel.
         """
         q, k, v = self._qkv(x)
         keys = k.transpose(1, 2) if return_keys else None
+        queries = q.transpose(1, 2) if return_queries else None
         if not return_attention:
             out = attention(q, k, v, resolve_backend(self.backend, x.device))
-            return self.proj(out.flatten(2)), None, keys
+            return self.proj(out.flatten(2)), None, keys, queries
         probs = attention_maps(q.transpose(1, 2), k.transpose(1, 2))
         out = (probs.to(v.dtype) @ v.transpose(1, 2)).transpose(1, 2)
-        return self.proj(out.flatten(2)), probs, keys
+        return self.proj(out.flatten(2)), probs, keys, queries
 
 
 class Mlp(nn.Module):
@@ -187,11 +190,13 @@ class Block(nn.Module):
         x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path, self.training)
         return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
 
-    def forward_with_maps(self, x: torch.Tensor, return_attention: bool, return_keys: bool
-                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        y, probs, keys = self.attn.forward_with_maps(self.norm1(x), return_attention, return_keys)
+    def forward_with_maps(self, x: torch.Tensor, return_attention: bool, return_keys: bool,
+                          return_queries: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        y, probs, keys, queries = self.attn.forward_with_maps(self.norm1(x), return_attention, return_keys,
+                                                              return_queries)
         x = x + drop_path(self.ls1(y), self.drop_path, self.training)
-        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training), probs, keys
+        return x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training), probs, keys, queries
 
 
 class VisionTransformer(nn.Module):
@@ -291,13 +296,13 @@ class VisionTransformer(nn.Module):
         return block(x)
 
     def forward_features(self, x: torch.Tensor, norm: bool = True, return_attention: bool = False,
-                         return_keys: bool = False) -> dict:
+                         return_keys: bool = False, return_queries: bool = False) -> dict:
         """Dense features of images (B, 3, H, W), H and W multiples of the patch size.
 
         Returns a dict: ``cls`` (B, D) (absent without a class token), ``patches`` (B, h*w, D) (never
         the registers), ``registers`` (B, R, D) (only with register tokens), ``grid`` (h, w), and on
-        request the last block's ``attention`` (B, heads, T, T) — exact softmax maps — and ``keys``
-        (B, heads, T, d), over all T = prefix + h*w tokens in the order CLS, registers, patches (the
+        request the last block's ``attention`` (B, heads, T, T) — exact softmax maps — ``keys`` and
+        ``queries`` (B, heads, T, d), over all T = prefix + h*w tokens in the order CLS, registers, patches (the
         patch columns are ``[..., num_prefix_tokens:]``). ``norm`` applies the final LayerNorm to
         ``cls``, ``registers`` and ``patches``.
         """
@@ -305,9 +310,10 @@ class VisionTransformer(nn.Module):
         for block in self.blocks[:-1]:
             tokens = self._run_block(block, tokens)
         last = self.blocks[-1]
-        probs = keys = None
-        if return_attention or return_keys:
-            tokens, probs, keys = last.forward_with_maps(tokens, return_attention, return_keys)
+        probs = keys = queries = None
+        if return_attention or return_keys or return_queries:
+            tokens, probs, keys, queries = last.forward_with_maps(tokens, return_attention, return_keys,
+                                                                  return_queries)
         else:
             tokens = self._run_block(last, tokens)
         if norm:
@@ -321,6 +327,8 @@ class VisionTransformer(nn.Module):
             out["attention"] = probs
         if return_keys:
             out["keys"] = keys
+        if return_queries:
+            out["queries"] = queries
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ Layout per family (V = views sharing a box across frames, Tc = T with per-frame 
   meta (5): label, sample id, start frame, samples skipped before this one, last skipped id (-1)
   box (V, 4): x0, y0, x1, y1 in frame pixels (grid: the clip crop that is resized to `size`)
   flip (V,), color (V, Tc, 7)                       clip, multicrop
+  local_box (L, T, 4): per-frame local boxes        multicrop with `per_frame_local_boxes` (`box`
+                                                    then holds each local crop's frame-0 box)
   patch_box (T, N, 4) in resized-crop pixels, patch_flip (T, N), color (T, N, 7)   grid
 """
 from __future__ import annotations
@@ -69,7 +71,7 @@ def view_probabilities(spec: ViewSpec) -> tuple[np.ndarray, np.ndarray]:
     """Blur and solarize probability per view of the DINO recipe (shape (V, 1) to broadcast over Tc)."""
     if spec.family == "clip":
         return np.full((1, 1), 0.5), np.zeros((1, 1))
-    blur = [1.0 if g % 2 == 0 else 0.1 for g in range(spec.global_crops)] + [0.5] * spec.local_crops
+    blur = [spec.first_global_blur if g % 2 == 0 else 0.1 for g in range(spec.global_crops)] + [0.5] * spec.local_crops
     solar = [0.0 if g % 2 == 0 else 0.2 for g in range(spec.global_crops)] + [0.0] * spec.local_crops
     return np.array(blur)[:, None], np.array(solar)[:, None]
 
@@ -82,7 +84,10 @@ def layout(spec: ViewSpec) -> dict[str, tuple[int, ...]]:
         return {"meta": (5,), "box": (1, 4), "patch_box": (T, N, 4), "patch_flip": (T, N),
                 "color": (T, N, NUM_COLOR_PARAMS)}
     V, Tc = spec.num_views, T if spec.per_frame_color else 1
-    return {"meta": (5,), "box": (V, 4), "flip": (V,), "color": (V, Tc, NUM_COLOR_PARAMS)}
+    fields = {"meta": (5,), "box": (V, 4), "flip": (V,), "color": (V, Tc, NUM_COLOR_PARAMS)}
+    if spec.family == "multicrop" and spec.per_frame_local_boxes:
+        fields["local_box"] = (spec.local_crops, T, 4)
+    return fields
 
 
 def packed_size(spec: ViewSpec) -> int:
@@ -112,9 +117,14 @@ def draw(spec: ViewSpec, rng: np.random.Generator, width: int, height: int, nfra
     else:
         x0, y0, x1, y1 = (random_resized_boxes(rng, width, height, spec.scale, spec.ratio, 1)[0]
                           if spec.size is not None else (0, 0, width, height))
-        regional = [random_resized_boxes(rng, x1 - x0, y1 - y0, spec.global_scale, spec.ratio, spec.global_crops),
-                    random_resized_boxes(rng, x1 - x0, y1 - y0, spec.local_scale, spec.ratio, spec.local_crops)]
-        params["box"] = np.concatenate(regional) + np.array([x0, y0, x0, y0])
+        offset = np.array([x0, y0, x0, y0])
+        regional = random_resized_boxes(rng, x1 - x0, y1 - y0, spec.global_scale, spec.ratio, spec.global_crops)
+        per_frame = spec.frames if spec.per_frame_local_boxes else 1
+        local = random_resized_boxes(rng, x1 - x0, y1 - y0, spec.local_scale, spec.ratio,
+                                     spec.local_crops * per_frame).reshape(spec.local_crops, per_frame, 4) + offset
+        params["box"] = np.concatenate([regional + offset, local[:, 0]])
+        if spec.per_frame_local_boxes:
+            params["local_box"] = local
     params["flip"] = (rng.random(V) < 0.5) & spec.flip
     if spec.color:
         p_blur, p_solar = view_probabilities(spec)

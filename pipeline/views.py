@@ -7,7 +7,8 @@ crop-resize calls followed by flips and colour (`pipeline.color`):
 * clip (TimeT, SMTC): one box per clip, shared by its T frames -> `clip` (B, T, 3, S, S).
 * multicrop (DINO, DoRA, SelfPatch): G + L boxes per clip, each shared by the T frames, drawn inside
   an optional clip-level region (`size` set: DoRA's first crop) -> `global` (B, G, T, 3, Sg, Sg) and
-  `local` (B, L, T, 3, Sl, Sl).
+  `local` (B, L, T, 3, Sl, Sl). With `per_frame_local_boxes` (DoRA) every frame of a local crop has
+  its own box inside the region.
 * grid (CRW): one box per clip resized to `size` (256), then a grid of `patch_size` windows at
   `patch_stride`, each with its own random-resized-crop jitter, flip and colour, drawn independently
   per frame and patch as in videowalk -> `patches` (B, T, N, 3, P, P).
@@ -53,6 +54,10 @@ class ViewSpec:
     jitter: brightness, contrast, saturation, hue strengths (None: (0.4, 0.4, 0.2, 0.1), grid
         (0.1, 0.1, 0.1, 0.0)).
     per_frame_color: draw colour parameters per frame (DoRA) instead of once per view.
+    first_global_blur: multicrop: blur probability of the even-numbered global crops (DINO's recipe 1.0;
+        DoRA's single global clip 0.1).
+    per_frame_local_boxes: multicrop: draw every local crop's box independently per frame (DoRA's
+        local crops), instead of one box shared by the clip's frames.
     patch_size, patch_stride, patch_scale: CRW grid; N = ((size - P) // stride + 1) ** 2 patches.
     mean, std: normalisation applied last.
     """
@@ -73,6 +78,8 @@ class ViewSpec:
     color: bool = True
     jitter: tuple[float, float, float, float] | None = None
     per_frame_color: bool = False
+    per_frame_local_boxes: bool = False
+    first_global_blur: float = 1.0
     patch_size: int = 64
     patch_stride: int = 32
     patch_scale: tuple[float, float] = (0.7, 0.9)
@@ -195,8 +202,12 @@ def render(frames: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec
         if count == 0:
             continue
         views = slice(first, first + count)
-        crops = crop_resize(nchw, boxes[:, views].reshape(-1, 4),
-                            frame_ids.view(B, V, T)[:, views].reshape(-1, T), size)
+        if name == "local" and spec.per_frame_local_boxes:   # one box per frame: T single-frame crops
+            crops = crop_resize(nchw, params["local_box"].long().reshape(-1, 4),
+                                frame_ids.view(B, V, T)[:, views].reshape(-1, 1), size)
+        else:
+            crops = crop_resize(nchw, boxes[:, views].reshape(-1, 4),
+                                frame_ids.view(B, V, T)[:, views].reshape(-1, T), size)
         crops = _flip(crops.reshape(B, count, T, 3, size, size), params["flip"][:, views].bool())
         out = _finish(crops, color[:, views], spec, dtype)
         batch[name] = out[:, 0] if name == "clip" else out

@@ -51,6 +51,27 @@ def davis_dir(synth_raw):
 
 
 @pytest.fixture(scope="session")
+def long_video(tmp_path_factory):
+    """One synthetic long video (the Walking Tours stand-in): 4 scenes of 32 frames each, 128x96 at
+    25 fps (5.1 s), as `<dir>/walk.mp4`; returns the folder."""
+    import numpy as np
+
+    from shard_tools.synth import render_video, write_mp4
+
+    folder = tmp_path_factory.mktemp("long") / "videos"
+    scenes = [render_video(seed, 32, 128, 96, 3, kind)[0] for seed, kind in enumerate(["dots", "checker"] * 2)]
+    write_mp4(folder / "walk.mp4", np.concatenate(scenes), 25.0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def long_shards(tmp_path_factory, long_video):
+    """`--kind long` shards of `long_video` cut into 1.2 s segments: 4 samples of 30 JPEG frames
+    (the 8-frame tail is dropped), unlabelled."""
+    return _pack(tmp_path_factory, "long", "--kind", "long", "--src", str(long_video), "--clip-seconds", "1.2")
+
+
+@pytest.fixture(scope="session")
 def jpeg_shards(tmp_path_factory, synth_raw):
     """`--kind videos --format jpeg` of the 6 labelled videos: 6 samples of 32 JPEG frames
     (f000.jpg…f031.jpg, 128x96, 25 fps) with cls/label.i32 (checker 0, dots 1, stripes 2), in

@@ -54,10 +54,10 @@ def test_backend_switch_validates_names():
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
 
 
-def test_attention_maps_and_keys_equal_explicit_softmax():
+def test_attention_maps_keys_and_queries_equal_explicit_softmax():
     vit = tiny_vit()
     x = torch.randn(2, 3, 32, 64)
-    out = vit.forward_features(x, return_attention=True, return_keys=True)
+    out = vit.forward_features(x, return_attention=True, return_keys=True, return_queries=True)
     # Recompute the last block's attention by hand from the tokens that enter it.
     before_last = vit.get_intermediate_layers(x, [-2], norm=False)[0]
     block = vit.blocks[-1]
@@ -68,6 +68,9 @@ def test_attention_maps_and_keys_equal_explicit_softmax():
     torch.testing.assert_close(out["attention"], expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["attention"].sum(-1), torch.ones(2, 3, 9))
     torch.testing.assert_close(out["keys"], k)
+    torch.testing.assert_close(out["queries"], q)
+    # Queries alone keep the fast kernel and still equal the projection.
+    torch.testing.assert_close(vit.forward_features(x, return_queries=True)["queries"], q)
     # The exact path and the fast path compute the same features.
     torch.testing.assert_close(out["patches"], vit.forward_features(x)["patches"], atol=1e-5, rtol=1e-4)
     # Under bf16 autocast the maps are still a float32 softmax (rows sum to 1 far below bf16 rounding).

@@ -85,3 +85,21 @@ def test_pack_unpack_round_trip_and_determinism():
     back = P.unpack(spec, torch.from_numpy(np.stack([row, row])))
     for name, value in a.items():
         assert torch.equal(back[name][1], torch.from_numpy(np.asarray(value, dtype=np.float64)))
+
+
+def test_per_frame_local_boxes_differ_across_frames_inside_the_region():
+    """DoRA draws every frame of a local crop with its own RandomResizedCrop; the global crop keeps one box."""
+    common = dict(family="multicrop", frames=8, stride=30, size=300, scale=(0.2, 1.0), global_crops=1,
+                  local_crops=6, local_size=112, per_frame_color=True)
+    shared = P.draw(ViewSpec(**common), np.random.default_rng(3), 640, 360, 300, label=4, sample_id=9)
+    spec = ViewSpec(**common, per_frame_local_boxes=True)
+    drawn = P.draw(spec, np.random.default_rng(3), 640, 360, 300, label=4, sample_id=9)
+    assert drawn["local_box"].shape == (6, 8, 4) and P.layout(spec)["local_box"] == (6, 8, 4)
+    assert np.array_equal(drawn["box"][1:], drawn["local_box"][:, 0])
+    # the region and the global box are drawn first, in the same order as with shared boxes
+    assert np.array_equal(drawn["box"][0], shared["box"][0])
+    assert all(len({tuple(b) for b in drawn["local_box"][v]}) == 8 for v in range(6))
+    lo, hi = drawn["local_box"][..., :2].min((0, 1)), drawn["local_box"][..., 2:].max((0, 1))
+    assert (lo >= 0).all() and hi[0] <= 640 and hi[1] <= 360
+    unpacked = P.unpack(spec, torch.from_numpy(P.pack(spec, drawn))[None])["local_box"]
+    assert torch.equal(unpacked[0], torch.from_numpy(drawn["local_box"]).double())

@@ -115,3 +115,23 @@ def test_roi_align_branch_matches_the_cpu_resize_on_a_720p_frame():
         assert roi.dtype == torch.float32
         inner = (slice(None),) * 3 + (slice(2, -2), slice(2, -2))
         assert (cpu[inner] - roi[inner]).abs().max() <= 1.0   # half: 2.5
+
+
+def test_per_frame_local_boxes_crop_each_frame_at_its_own_box():
+    spec = ViewSpec(family="multicrop", frames=3, size=40, scale=(0.5, 1.0), global_crops=1, global_size=16,
+                    local_crops=2, local_size=8, local_scale=(0.1, 0.3), flip=False, color=False,
+                    per_frame_local_boxes=True)
+    B, T = 2, 3
+    frames = _ramp_frames(B * T)
+    params = P.unpack(spec, _rows(spec, frames, B, 60, 40))
+    batch = render(frames, params, spec)
+    assert batch["local"].shape == (B, 2, T, 3, 8, 8)
+    nchw = frames.permute(0, 3, 1, 2)
+    for b in range(B):
+        for v in range(2):
+            for t in range(T):
+                box = params["local_box"][b, v, t].long()[None]
+                expected = crop_resize(nchw, box, torch.tensor([[b * T + t]]), 8)[0, 0].float()
+                assert torch.allclose(_raw(batch["local"][b, v, t], spec), expected, atol=1e-3)
+    boxes = params["local_box"][:, :, :, :2]
+    assert (boxes[:, :, 1:] != boxes[:, :, :1]).any()      # the frames of a local crop moved

@@ -30,6 +30,9 @@ TINY = {
     "selfpatch": ["--model.arch", "vit_tiny_patch16", "--selfpatch.global_size", "64", "--selfpatch.local_size", "48",
                   "--selfpatch.local_crops", "2", "--selfpatch.out_dim", "64", "--selfpatch.patch_out_dim", "32",
                   "--selfpatch.head_hidden_dim", "32", "--selfpatch.head_bottleneck_dim", "16"],
+    "dora": ["--model.arch", "vit_tiny_patch16", "--dora.global_size", "48", "--dora.local_size", "16",
+             "--dora.local_crops", "2", "--dora.frames", "3", "--dora.frame_stride", "4", "--dora.out_dim", "64",
+             "--dora.head_hidden_dim", "32", "--dora.head_bottleneck_dim", "16"],
 }
 # Per method: logged keys that must be there, and the checkpoint prefix of the exported backbone.
 LOGGED = {
@@ -38,9 +41,10 @@ LOGGED = {
     "timet": ({"label_clusters", "target_accuracy", "source_confidence", "momentum", "lr", "backbone_lr"},
               "student."),
     "selfpatch": ({"cls_loss", "patch_loss", "teacher_patch_entropy", "momentum", "teacher_temp"}, "teacher."),
+    "dora": ({"teacher_entropy", "feature_std", "momentum", "teacher_temp", "wd", "mask_fraction"}, "teacher."),
 }
 SAVED = {"crw": ("patch_size", 16), "dino": ("out_dim", 64), "timet": ("num_prototypes", 8),
-         "selfpatch": ("patch_out_dim", 32)}
+         "selfpatch": ("patch_out_dim", 32), "dora": ("out_dim", 64)}
 
 
 def argv(method, data, out, steps, *extra):
@@ -65,6 +69,7 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
         assert torch.isfinite(torch.tensor(r["loss"])) and r["samples_per_s"] > 0 and 0 <= r["data_wait_pct"] <= 100
     logged, prefix = LOGGED[method]
     assert logged <= set(records[0])
+    assert method != "dora" or 0 < records[0]["mask_fraction"] < 1
     saved = load_config(method, str(out / "config.yaml"))
     assert (saved.run.steps, saved.data.batch_size, saved.data.path) == (2, 2, str(jpeg_shards))
     field, value = SAVED[method]  # a --<method>.<key> option of TINY reached config.yaml
@@ -90,15 +95,19 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     assert any(not torch.equal(v, load_file(str(out / "backbone.safetensors"))[k]) for k, v in init.items())
 
 
-@pytest.mark.parametrize("method,extra", [("dino", ()), ("selfpatch", ()), ("timet", ("--timet.queue_size", "64"))])
-def test_resumed_from_a_checkpoint_equals_uninterrupted(method, extra, jpeg_shards, tmp_path):
+@pytest.mark.parametrize("method,shards,extra", [("dino", "jpeg_shards", ()), ("selfpatch", "jpeg_shards", ()),
+                                                 ("timet", "jpeg_shards", ("--timet.queue_size", "64")),
+                                                 ("dora", "long_shards", ())])
+def test_resumed_from_a_checkpoint_equals_uninterrupted(method, shards, extra, request, tmp_path):
     """4 steps straight vs 2 steps + resume: bit-identical weights, optimiser state and EMA teacher
-    (SelfPatch: and its patch center; TimeT: and its queue, which fills during step 4, and its frozen blocks)."""
+    (SelfPatch: and its patch center; TimeT: and its queue, which fills during step 4, and its frozen blocks;
+    DoRA: on `--kind long` shards of one synthetic long video; its random heads replay too)."""
+    data = request.getfixturevalue(shards)
     straight = tmp_path / "straight"
-    assert run.main(argv(method, jpeg_shards, straight, 4, "--run.ckpt_every", "2", *extra)) == 0
+    assert run.main(argv(method, data, straight, 4, "--run.ckpt_every", "2", *extra)) == 0
     resumed = tmp_path / "resumed"
     half = straight / "checkpoints/step-000002"
-    assert run.main(argv(method, jpeg_shards, resumed, 4, "--resume", str(half), *extra)) == 0
+    assert run.main(argv(method, data, resumed, 4, "--resume", str(half), *extra)) == 0
     same_tensors(straight / "checkpoints/step-000004/model.safetensors",
                  resumed / "checkpoints/step-000004/model.safetensors")
     same_tensors(straight / "backbone.safetensors", resumed / "backbone.safetensors")

@@ -2,9 +2,11 @@
 from train.objectives.base import Objective
 from train.objectives.crw import CRW
 from train.objectives.dino import DINO
+from train.objectives.dora import DoRA
 from train.objectives.selfpatch import SelfPatch
 from train.objectives.timet import TimeT
 
-OBJECTIVES: dict[str, type[Objective]] = {"crw": CRW, "dino": DINO, "timet": TimeT, "selfpatch": SelfPatch}
+OBJECTIVES: dict[str, type[Objective]] = {"crw": CRW, "dino": DINO, "timet": TimeT, "selfpatch": SelfPatch,
+                                     "dora": DoRA}
 
 __all__ = ["OBJECTIVES", "Objective"]
