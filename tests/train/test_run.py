@@ -27,6 +27,8 @@ TINY = {
     # 3 x 3 patches (the forwarder keeps its top 5), 4 frames 4 apart in the 32-frame videos
     "timet": ["--model.arch", "vit_tiny_patch16", "--timet.size", "48", "--timet.frame_stride", "4",
               "--timet.num_prototypes", "8", "--timet.head_dims", "[16, 8]"],
+    "smtc": ["--model.arch", "vit_tiny_patch16", "--smtc.size", "32", "--smtc.num_slots", "4",
+             "--smtc.num_instances", "2", "--smtc.clip_len", "3", "--smtc.frame_stride", "1"],
 }
 # Per method: logged keys that must be there, and the checkpoint prefix of the exported backbone.
 LOGGED = {
@@ -34,8 +36,9 @@ LOGGED = {
     "dino": ({"teacher_entropy", "feature_std", "momentum", "teacher_temp", "wd"}, "teacher."),
     "timet": ({"label_clusters", "target_accuracy", "source_confidence", "momentum", "lr", "backbone_lr"},
               "student."),
+    "smtc": ({"diversity", "consistency", "instance", "valid_fraction", "backbone_lr"}, "student.encoder."),
 }
-SAVED = {"crw": ("patch_size", 16), "dino": ("out_dim", 64), "timet": ("num_prototypes", 8)}
+SAVED = {"crw": ("patch_size", 16), "dino": ("out_dim", 64), "timet": ("num_prototypes", 8), "smtc": ("num_slots", 4)}
 
 
 def argv(method, data, out, steps, *extra):
@@ -85,7 +88,11 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     assert any(not torch.equal(v, load_file(str(out / "backbone.safetensors"))[k]) for k, v in init.items())
 
 
-@pytest.mark.parametrize("method,extra", [("dino", ()), ("timet", ("--timet.queue_size", "64"))])
+@pytest.mark.parametrize("method,extra", [
+    ("dino", ()), ("timet", ("--timet.queue_size", "64")),
+    # SMTC: the backbone's LR is 0 for the first 3 steps (grad_iter), so the resume crosses the switch
+    ("smtc", ("--optim.backbone_frozen_steps", "3", "--optim.warmup_epochs", "0")),
+])
 def test_resumed_from_a_checkpoint_equals_uninterrupted(method, extra, jpeg_shards, tmp_path):
     """4 steps straight vs 2 steps + resume: bit-identical weights, optimiser state and EMA teacher
     (TimeT: and its queue, which fills during step 4, and its frozen blocks)."""
@@ -102,6 +109,8 @@ def test_resumed_from_a_checkpoint_equals_uninterrupted(method, extra, jpeg_shar
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
     log = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [3, 4]
+    if method == "smtc":
+        assert [r["backbone_lr"] > 0 for r in log] == [False, True]
 
 
 def wait_for(predicate, timeout, proc):
