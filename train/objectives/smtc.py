@@ -217,10 +217,11 @@ class SMTC(Objective):
         if not arch.startswith("vit"):
             raise ValueError(f"model.arch={arch}: SMTC reads a ViT's last-block keys; use a vit_* model")
         self.cfg, self.arch = cfg, arch
-        self.student = self.build_network(models.build(arch, drop_path=drop_path))
+        # dense_norm False: SMTC evaluates the last block's tokens without the final norm (§3.e)
+        self.student = self.build_network(models.build(arch, drop_path=drop_path, dense_norm=False))
         frozen = () if cfg.teacher_encoder_ema else ("encoder.",)
-        self.teacher = EMATeacher(self.student, twin=self.build_network(models.build(arch, drop_path=0.0)),
-                                  frozen=frozen)
+        twin = self.build_network(models.build(arch, drop_path=0.0, dense_norm=False))
+        self.teacher = EMATeacher(self.student, twin=twin, frozen=frozen)
 
     def build_network(self, encoder: nn.Module) -> SMTCSlots:
         c = self.cfg
