@@ -28,7 +28,8 @@ TINY = {
     "timet": ["--model.arch", "vit_tiny_patch16", "--timet.size", "48", "--timet.frame_stride", "4",
               "--timet.num_prototypes", "8", "--timet.head_dims", "[16, 8]"],
     "smtc": ["--model.arch", "vit_tiny_patch16", "--smtc.size", "32", "--smtc.num_slots", "4",
-             "--smtc.num_instances", "2", "--smtc.clip_len", "3", "--smtc.frame_stride", "1"],
+             "--smtc.num_instances", "2", "--smtc.clip_len", "3", "--smtc.frame_stride", "1",
+             "--optim.backbone_frozen_steps", "0", "--optim.backbone_lr_mult", "1"],  # the encoder moves in 2 steps
 }
 # Per method: logged keys that must be there, and the checkpoint prefix of the exported backbone.
 LOGGED = {
