@@ -47,7 +47,8 @@ def normalise_frames(frames: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 def dense_feature_fn(backbone: nn.Module, layer: int = 1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                      upsample: int = 1) -> FeatureFn:
     """Frames -> (B, D, h, w) L2-normalised features. ViTs: output of the ``layer``-th block from the end
-    after the final LayerNorm, CLS and registers dropped (DINO's protocol); CNN encoders
+    after the final LayerNorm, CLS and registers dropped (DINO's protocol), or before
+    it when the backbone was built with ``dense_norm=False`` (SMTC's protocol; recorded in its export); CNN encoders
     (``out_channels``): their map. ``upsample`` > 1 bilinearly enlarges the map by that factor before the
     L2 normalisation (SMTC's stride-16 -> 8 setting B), so the cells are ``stride / upsample`` pixels."""
 
@@ -55,7 +56,7 @@ def dense_feature_fn(backbone: nn.Module, layer: int = 1, mean=IMAGENET_MEAN, st
     def features(frames: torch.Tensor) -> torch.Tensor:
         x = normalise_frames(frames, mean, std)
         if hasattr(backbone, "get_intermediate_layers"):
-            tokens = backbone.get_intermediate_layers(x, n=layer, norm=True)[0]
+            tokens = backbone.get_intermediate_layers(x, n=layer, norm=getattr(backbone, "dense_norm", True))[0]
             patch = backbone.patch_size
             h, w = x.shape[-2] // patch, x.shape[-1] // patch
             tokens = tokens[:, backbone.num_prefix_tokens:]  # drop CLS (DINO's protocol) and any registers

@@ -223,6 +223,9 @@ class VisionTransformer(nn.Module):
         pos_interpolation: how the stored grid is resized to other inputs, ``"offset"`` (DINO, DINOv2
             without registers) or ``"antialias"`` (DINOv2 with registers, timm); see
             :func:`resize_pos_embed`.
+        dense_norm: whether the dense features evaluation reads pass the final LayerNorm (DINO's
+            protocol); False for backbones trained and evaluated on un-normed last-block tokens
+            (SMTC). Recorded in exports, so ``eval/`` reads a run's features as it was trained.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384,
@@ -230,13 +233,15 @@ class VisionTransformer(nn.Module):
                  drop_path: float = 0.0, attn: str = "auto", class_token: bool = True,
                  final_norm: bool = True, grad_checkpointing: bool = False, layer_scale: float | None = None,
                  reg_tokens: int = 0,
-                 no_embed_class: bool = False, pos_interpolation: str = "offset"):
+                 no_embed_class: bool = False, pos_interpolation: str = "offset",
+                 dense_norm: bool = True):
         super().__init__()
         if pos_interpolation not in POS_INTERPOLATIONS:
             raise ValueError(f"unknown pos_interpolation {pos_interpolation!r}; choose one of {POS_INTERPOLATIONS}")
         if reg_tokens < 0:
             raise ValueError(f"reg_tokens must be >= 0, got {reg_tokens}")
         self.embed_dim = embed_dim
+        self.dense_norm = dense_norm
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.num_reg_tokens = reg_tokens

@@ -9,7 +9,7 @@ colour factors, and a resumed run redraws exactly what the uninterrupted one dre
 Layout per family (V = views sharing a box across frames, Tc = T with per-frame colour else 1):
   meta (5): label, sample id, start frame, samples skipped before this one, last skipped id (-1)
   box (V, 4): x0, y0, x1, y1 in frame pixels (grid: the clip crop that is resized to `size`)
-  flip (V,), color (V, Tc, 7)                       clip, multicrop
+  flip (V,), color (V * K, Tc, 7)                   clip, multicrop (K = color_draws, 1 but for SMTC)
   local_box (L, T, 4): per-frame local boxes        multicrop with `per_frame_local_boxes` (`box`
                                                     then holds each local crop's frame-0 box)
   patch_box (T, N, 4) in resized-crop pixels, patch_flip (T, N), color (T, N, 7)   grid
@@ -84,7 +84,7 @@ def layout(spec: ViewSpec) -> dict[str, tuple[int, ...]]:
         return {"meta": (5,), "box": (1, 4), "patch_box": (T, N, 4), "patch_flip": (T, N),
                 "color": (T, N, NUM_COLOR_PARAMS)}
     V, Tc = spec.num_views, T if spec.per_frame_color else 1
-    fields = {"meta": (5,), "box": (V, 4), "flip": (V,), "color": (V, Tc, NUM_COLOR_PARAMS)}
+    fields = {"meta": (5,), "box": (V, 4), "flip": (V,), "color": (spec.color_views, Tc, NUM_COLOR_PARAMS)}
     if spec.family == "multicrop" and spec.per_frame_local_boxes:
         fields["local_box"] = (spec.local_crops, T, 4)
     return fields
@@ -128,7 +128,7 @@ def draw(spec: ViewSpec, rng: np.random.Generator, width: int, height: int, nfra
     params["flip"] = (rng.random(V) < 0.5) & spec.flip
     if spec.color:
         p_blur, p_solar = view_probabilities(spec)
-        params["color"] = draw_color(rng, (V, Tc), spec.jitter_strength, 0.8, 0.2, p_blur, p_solar)
+        params["color"] = draw_color(rng, (spec.color_views, Tc), spec.jitter_strength, 0.8, 0.2, p_blur, p_solar)
     else:
         params["color"] = np.broadcast_to(IDENTITY, (V, Tc, NUM_COLOR_PARAMS))
     return params

@@ -4,7 +4,9 @@ drawn parameters (`pipeline.params`) into the batch tensors.
 Every view is a resized crop of a box in frame pixels, so each family is one or two batched
 crop-resize calls followed by flips and colour (`pipeline.color`):
 
-* clip (TimeT, SMTC): one box per clip, shared by its T frames -> `clip` (B, T, 3, S, S).
+* clip (TimeT, SMTC): one box per clip, shared by its T frames -> `clip` (B, T, 3, S, S); with
+  `color_draws` K > 1, the same crop under K independent colour draws -> `clip` (B, K, T, 3, S, S)
+  (SMTC augments its student and teacher branches separately).
 * multicrop (DINO, DoRA, SelfPatch): G + L boxes per clip, each shared by the T frames, drawn inside
   an optional clip-level region (`size` set: DoRA's first crop) -> `global` (B, G, T, 3, Sg, Sg) and
   `local` (B, L, T, 3, Sl, Sl). With `per_frame_local_boxes` (DoRA) every frame of a local crop has
@@ -58,6 +60,7 @@ class ViewSpec:
         DoRA's single global clip 0.1).
     per_frame_local_boxes: multicrop: draw every local crop's box independently per frame (DoRA's
         local crops), instead of one box shared by the clip's frames.
+    color_draws: clip family: independent colour draws of the one crop (SMTC: 2, student and teacher).
     patch_size, patch_stride, patch_scale: CRW grid; N = ((size - P) // stride + 1) ** 2 patches.
     mean, std: normalisation applied last.
     """
@@ -80,6 +83,7 @@ class ViewSpec:
     per_frame_color: bool = False
     per_frame_local_boxes: bool = False
     first_global_blur: float = 1.0
+    color_draws: int = 1
     patch_size: int = 64
     patch_stride: int = 32
     patch_scale: tuple[float, float] = (0.7, 0.9)
@@ -93,6 +97,9 @@ class ViewSpec:
             raise ValueError(f"ViewSpec frames={self.frames}, stride={self.stride}: both must be >= 1")
         if self.family == "multicrop" and self.global_crops < 1:
             raise ValueError("ViewSpec multicrop needs global_crops >= 1")
+        if self.color_draws < 1 or (self.color_draws > 1 and (self.family != "clip" or not self.color)):
+            raise ValueError(f"ViewSpec color_draws={self.color_draws}: must be >= 1, and > 1 only for the "
+                             "clip family with color=True")
         if self.family == "grid" and self.grid_side < 1:
             raise ValueError(f"ViewSpec grid: patch_size {self.patch_size} does not fit in size {self.out_size}")
 
@@ -112,6 +119,11 @@ class ViewSpec:
     def num_views(self) -> int:
         """Boxes per clip that are shared by its frames (clip: 1, multicrop: G + L, grid: 1)."""
         return self.global_crops + self.local_crops if self.family == "multicrop" else 1
+
+    @property
+    def color_views(self) -> int:
+        """Colour draws per clip: one per view, times ``color_draws`` (clip family)."""
+        return self.num_views * self.color_draws
 
     @property
     def jitter_strength(self) -> tuple[float, float, float, float]:
@@ -191,10 +203,10 @@ def render(frames: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec
         patches = _flip(patches.reshape(B, T, N, 3, P, P), params["patch_flip"].bool())
         batch["patches"] = _finish(patches, params["color"], spec, dtype)
         return batch
-    V = spec.num_views
+    V, K = spec.num_views, spec.color_draws
     frame_ids = clip_frames.expand(B, V, T).reshape(B * V, T)
     boxes = params["box"].long()                            # (B, V, 4)
-    color = params["color"].expand(B, V, T, -1) if params["color"].shape[2] == 1 else params["color"]
+    color = params["color"].expand(B, V * K, T, -1) if params["color"].shape[2] == 1 else params["color"]
     groups = ([("clip", 0, 1, spec.out_size)] if spec.family == "clip" else
               [("global", 0, spec.global_crops, spec.global_size),
                ("local", spec.global_crops, spec.local_crops, spec.local_size)])
@@ -209,6 +221,9 @@ def render(frames: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec
             crops = crop_resize(nchw, boxes[:, views].reshape(-1, 4),
                                 frame_ids.view(B, V, T)[:, views].reshape(-1, T), size)
         crops = _flip(crops.reshape(B, count, T, 3, size, size), params["flip"][:, views].bool())
-        out = _finish(crops, color[:, views], spec, dtype)
-        batch[name] = out[:, 0] if name == "clip" else out
+        if name == "clip":  # one crop, K colourings (K = 1 unless color_draws)
+            out = _finish(crops.expand(B, K, T, 3, size, size), color, spec, dtype)
+            batch[name] = out[:, 0] if K == 1 else out
+        else:
+            batch[name] = _finish(crops, color[:, views], spec, dtype)
     return batch

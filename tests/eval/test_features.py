@@ -73,3 +73,15 @@ def test_crw_encoder_is_evaluated_on_layer3(tmp_path):
         layer3 = trained.layer3(trained.layer2(trained.layer1(stem)))
     expected = torch.nn.functional.normalize(layer3, dim=1)
     torch.testing.assert_close(ft.dense_feature_fn(loaded)(frames), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_smtc_export_is_evaluated_on_unnormed_last_block_tokens(tmp_path):
+    """SMTC builds its encoder with dense_norm=False; the export records it and eval follows (§3.e)."""
+    trained = models.build("vit_tiny_patch16", dense_norm=False).eval()
+    export_backbone(trained, tmp_path / "backbone.safetensors")
+    loaded = ft.load_backbone(tmp_path)
+    assert loaded.dense_norm is False
+    frames = torch.randint(0, 256, (1, 32, 48, 3), dtype=torch.uint8)
+    tokens = trained.forward_features(ft.normalise_frames(frames), norm=False)["patches"]
+    expected = torch.nn.functional.normalize(tokens, dim=-1).transpose(1, 2).reshape(1, -1, 2, 3)
+    torch.testing.assert_close(ft.dense_feature_fn(loaded)(frames), expected, rtol=1e-4, atol=1e-5)

@@ -31,6 +31,16 @@ def test_dali_cpu_jpeg_equals_the_fallback(jpeg_shards):
             assert (a[k] - b[k]).abs().max() < 0.05 and (a[k] - b[k]).abs().mean() < 1e-3
 
 
+def test_dali_cpu_renders_smtc_clips_like_the_fallback(jpeg_shards):
+    spec = ViewSpec(family="clip", frames=3, stride=2, size=32, scale=(1.0, 1.0), ratio=(0.25, 4.0), flip=False,
+                    jitter=(0.4, 0.4, 0.4, 0.1), color_draws=2)
+    _, dali = _batches(jpeg_shards, "dali", spec=spec)
+    _, cpu = _batches(jpeg_shards, "cpu", spec=spec)
+    for a, b in zip(dali, cpu):
+        assert a["clip"].shape == b["clip"].shape == (3, 2, 3, 3, 32, 32)
+        assert (a["clip"] - b["clip"]).abs().max() < 0.05 and (a["clip"] - b["clip"]).abs().mean() < 1e-3
+
+
 def test_dali_cpu_vp9_matches_pyav(vp9_shards):
     _, dali = _batches(vp9_shards, "dali")
     _, cpu = _batches(vp9_shards, "cpu")

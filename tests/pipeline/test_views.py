@@ -86,6 +86,23 @@ def test_flip_mirrors_the_view():
     assert (green[1:] > green[:-1]).all()           # x grows left to right unless flipped
 
 
+def test_clip_color_draws_colour_one_crop_independently():
+    # SMTC: one crop, its student and teacher colourings drawn apart
+    spec = ViewSpec(family="clip", frames=3, size=24, flip=False, color_draws=2)
+    frames = _ramp_frames(2 * 3)
+    params = P.unpack(spec, _rows(spec, frames, 2, 60, 40))
+    assert params["color"].shape == (2, 2, 1, 7) and not torch.equal(params["color"][:, 0], params["color"][:, 1])
+    clip = render(frames, params, spec)["clip"]
+    assert clip.shape == (2, 2, 3, 3, 24, 24) and not torch.allclose(clip[:, 0], clip[:, 1])
+    params["color"][:, 1] = params["color"][:, 0]           # the same colouring: the same pixels
+    same = render(frames, params, spec)["clip"]
+    assert torch.equal(same[:, 0], same[:, 1])
+    plain = ViewSpec(family="clip", frames=3, size=24, flip=False)
+    assert P.layout(plain)["color"] == (1, 1, 7)
+    with pytest.raises(ValueError, match="color_draws"):
+        ViewSpec(family="multicrop", color_draws=2)
+
+
 def test_grid_patches_come_from_their_cells():
     spec = ViewSpec(family="grid", frames=1, size=32, scale=(1.0, 1.0), ratio=(1.5, 1.5), patch_size=16,
                     patch_stride=8, patch_scale=(1.0, 1.0), flip=False, color=False)

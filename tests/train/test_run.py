@@ -33,6 +33,9 @@ TINY = {
     "dora": ["--model.arch", "vit_tiny_patch16", "--dora.global_size", "48", "--dora.local_size", "16",
              "--dora.local_crops", "2", "--dora.frames", "3", "--dora.frame_stride", "4", "--dora.out_dim", "64",
              "--dora.head_hidden_dim", "32", "--dora.head_bottleneck_dim", "16"],
+    "smtc": ["--model.arch", "vit_tiny_patch16", "--smtc.size", "32", "--smtc.num_slots", "4",
+             "--smtc.num_instances", "2", "--smtc.clip_len", "3", "--smtc.frame_stride", "1",
+             "--optim.backbone_frozen_steps", "0", "--optim.backbone_lr_mult", "1"],  # the encoder moves in 2 steps
 }
 # Per method: logged keys that must be there, and the checkpoint prefix of the exported backbone.
 LOGGED = {
@@ -42,9 +45,11 @@ LOGGED = {
               "student."),
     "selfpatch": ({"cls_loss", "patch_loss", "teacher_patch_entropy", "momentum", "teacher_temp"}, "teacher."),
     "dora": ({"teacher_entropy", "feature_std", "momentum", "teacher_temp", "wd", "mask_fraction"}, "teacher."),
+    "smtc": ({"diversity", "consistency", "instance", "valid_fraction", "backbone_lr"}, "student.encoder."),
 }
 SAVED = {"crw": ("patch_size", 16), "dino": ("out_dim", 64), "timet": ("num_prototypes", 8),
-         "selfpatch": ("patch_out_dim", 32), "dora": ("out_dim", 64)}
+         "selfpatch": ("patch_out_dim", 32), "dora": ("out_dim", 64),
+         "smtc": ("num_slots", 4)}
 
 
 def argv(method, data, out, steps, *extra):
@@ -95,9 +100,13 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
     assert any(not torch.equal(v, load_file(str(out / "backbone.safetensors"))[k]) for k, v in init.items())
 
 
-@pytest.mark.parametrize("method,shards,extra", [("dino", "jpeg_shards", ()), ("selfpatch", "jpeg_shards", ()),
-                                                 ("timet", "jpeg_shards", ("--timet.queue_size", "64")),
-                                                 ("dora", "long_shards", ())])
+@pytest.mark.parametrize("method,shards,extra", [
+    ("dino", "jpeg_shards", ()), ("selfpatch", "jpeg_shards", ()),
+    ("timet", "jpeg_shards", ("--timet.queue_size", "64")),
+    ("dora", "long_shards", ()),
+    # SMTC: the backbone's LR is 0 for the first 3 steps (grad_iter), so the resume crosses the switch
+    ("smtc", "jpeg_shards", ("--optim.backbone_frozen_steps", "3", "--optim.warmup_epochs", "0")),
+])
 def test_resumed_from_a_checkpoint_equals_uninterrupted(method, shards, extra, request, tmp_path):
     """4 steps straight vs 2 steps + resume: bit-identical weights, optimiser state and EMA teacher
     (SelfPatch: and its patch center; TimeT: and its queue, which fills during step 4, and its frozen blocks;
@@ -116,6 +125,8 @@ def test_resumed_from_a_checkpoint_equals_uninterrupted(method, shards, extra, r
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
     log = [json.loads(line) for line in (resumed / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [3, 4]
+    if method == "smtc":
+        assert [r["backbone_lr"] > 0 for r in log] == [False, True]
 
 
 def wait_for(predicate, timeout, proc):

@@ -4,9 +4,10 @@ from train.objectives.crw import CRW
 from train.objectives.dino import DINO
 from train.objectives.dora import DoRA
 from train.objectives.selfpatch import SelfPatch
+from train.objectives.smtc import SMTC
 from train.objectives.timet import TimeT
 
 OBJECTIVES: dict[str, type[Objective]] = {"crw": CRW, "dino": DINO, "timet": TimeT, "selfpatch": SelfPatch,
-                                     "dora": DoRA}
+                                     "dora": DoRA, "smtc": SMTC}
 
 __all__ = ["OBJECTIVES", "Objective"]
