@@ -1,5 +1,6 @@
 """train/run.py end to end on synthetic shards: both methods, resume, SIGTERM, NaN guard, 2 ranks."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -341,3 +342,19 @@ def test_a_cpu_step_that_would_not_fit_in_memory_stops_first_naming_a_batch_that
         run.main(argv("crw", jpeg_shards, out, 1, "--data.batch_size", "4"))
     assert not out.exists()
     assert run.main(argv("crw", jpeg_shards, out, 1, "--data.batch_size", "2", "--optim.accum_steps", "2")) == 0
+
+
+def test_timet_trains_two_steps_from_an_official_dinov2_checkpoint(jpeg_shards, tmp_path, capsys):
+    from tests.models.dinov2_checkpoints import official_dinov2_state
+
+    init = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(official_dinov2_state("small", 4), init)
+    out = tmp_path / "run"
+    # 42 px: 3 x 3 patches of 14; blocks 10-11 of the 12 train (timet.yaml's model.trainable)
+    assert run.main(argv("timet", jpeg_shards, out, 2, "--model.arch", "vit_small_patch14_reg4_dinov2",
+                         "--model.init", str(init), "--timet.size", "42")) == 0
+    assert f"backbone from {init}" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    exported = models.io.load_backbone(out / "backbone.safetensors")
+    assert exported.num_prefix_tokens == 5  # CLS + 4 registers survive the export
