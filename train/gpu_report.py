@@ -48,13 +48,25 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 PEAK_MEMORY_LIMIT_GIB = 22.0   # what one 24 GB GPU leaves to torch after the CUDA context and fragmentation
-# Overrides that make each objective's training step tiny for the CPU dry run; an objective that
-# lands in OBJECTIVES without an entry here is run at its defaults (batch 2) and is likely to time out.
+# Overrides that make each objective's training step tiny, for the CPU dry run and the trainer's run tests
+# (tests/train/test_run.py uses the same table); a new objective in OBJECTIVES needs its entry here.
 DRY_RUN_OVERRIDES = {
     "crw": ["--crw.size", "32", "--crw.patch_size", "16", "--crw.patch_stride", "8", "--crw.clip_len", "3"],
     "dino": ["--model.arch", "vit_tiny_patch16", "--dino.global_size", "32", "--dino.local_size", "16",
              "--dino.local_crops", "2", "--dino.out_dim", "64", "--dino.head_hidden_dim", "32",
              "--dino.head_bottleneck_dim", "16"],
+    # 3 x 3 patches (the forwarder keeps its top 5), 4 frames 4 apart in the 32-frame videos
+    "timet": ["--model.arch", "vit_tiny_patch16", "--timet.size", "48", "--timet.frame_stride", "4",
+              "--timet.num_prototypes", "8", "--timet.head_dims", "[16, 8]"],
+    "selfpatch": ["--model.arch", "vit_tiny_patch16", "--selfpatch.global_size", "64", "--selfpatch.local_size", "48",
+                  "--selfpatch.local_crops", "2", "--selfpatch.out_dim", "64", "--selfpatch.patch_out_dim", "32",
+                  "--selfpatch.head_hidden_dim", "32", "--selfpatch.head_bottleneck_dim", "16"],
+    "dora": ["--model.arch", "vit_tiny_patch16", "--dora.global_size", "48", "--dora.local_size", "16",
+             "--dora.local_crops", "2", "--dora.frames", "3", "--dora.frame_stride", "4", "--dora.out_dim", "64",
+             "--dora.head_hidden_dim", "32", "--dora.head_bottleneck_dim", "16"],
+    "smtc": ["--model.arch", "vit_tiny_patch16", "--smtc.size", "32", "--smtc.num_slots", "4",
+             "--smtc.num_instances", "2", "--smtc.clip_len", "3", "--smtc.frame_stride", "1",
+             "--optim.backbone_frozen_steps", "0", "--optim.backbone_lr_mult", "1"],  # the encoder moves in 2 steps
 }
 STAGE_HINT = "stage the GPU wheels with `bash ../shared/gpu/stage.sh` (docs/benchmarks.md)"
 

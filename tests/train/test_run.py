@@ -16,28 +16,12 @@ import models.io
 from pipeline import build_loader
 from train import run
 from train.config import load_config
+from train.gpu_report import DRY_RUN_OVERRIDES
 from train.objectives import OBJECTIVES
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["--cpu", "--data.batch_size", "2", "--data.num_workers", "0", "--run.log_every", "1"]
-TINY = {
-    "crw": ["--crw.size", "32", "--crw.patch_size", "16", "--crw.patch_stride", "8", "--crw.clip_len", "3"],
-    "dino": ["--model.arch", "vit_tiny_patch16", "--dino.global_size", "32", "--dino.local_size", "16",
-             "--dino.local_crops", "2", "--dino.out_dim", "64", "--dino.head_hidden_dim", "32",
-             "--dino.head_bottleneck_dim", "16"],
-    # 3 x 3 patches (the forwarder keeps its top 5), 4 frames 4 apart in the 32-frame videos
-    "timet": ["--model.arch", "vit_tiny_patch16", "--timet.size", "48", "--timet.frame_stride", "4",
-              "--timet.num_prototypes", "8", "--timet.head_dims", "[16, 8]"],
-    "selfpatch": ["--model.arch", "vit_tiny_patch16", "--selfpatch.global_size", "64", "--selfpatch.local_size", "48",
-                  "--selfpatch.local_crops", "2", "--selfpatch.out_dim", "64", "--selfpatch.patch_out_dim", "32",
-                  "--selfpatch.head_hidden_dim", "32", "--selfpatch.head_bottleneck_dim", "16"],
-    "dora": ["--model.arch", "vit_tiny_patch16", "--dora.global_size", "48", "--dora.local_size", "16",
-             "--dora.local_crops", "2", "--dora.frames", "3", "--dora.frame_stride", "4", "--dora.out_dim", "64",
-             "--dora.head_hidden_dim", "32", "--dora.head_bottleneck_dim", "16"],
-    "smtc": ["--model.arch", "vit_tiny_patch16", "--smtc.size", "32", "--smtc.num_slots", "4",
-             "--smtc.num_instances", "2", "--smtc.clip_len", "3", "--smtc.frame_stride", "1",
-             "--optim.backbone_frozen_steps", "0", "--optim.backbone_lr_mult", "1"],  # the encoder moves in 2 steps
-}
+TINY = DRY_RUN_OVERRIDES  # per method: the smallest settings that still exercise it
 # Per method: logged keys that must be there, and the checkpoint prefix of the exported backbone.
 LOGGED = {
     "crw": ({"xent_k1", "xent_k2", "acc_k1", "node_std", "lr"}, "encoder."),
