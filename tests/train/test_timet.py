@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.train.test_objectives import fit
 from train.finetune import freeze_backbone
 from train.objectives import OBJECTIVES
 from train.objectives.timet import TimeTConfig, feature_forwarder, timet_loss, window_mask
@@ -281,16 +282,7 @@ def test_gradients_reach_only_the_unfrozen_blocks_head_and_prototypes():
 
 def test_loss_falls_on_a_fixed_batch():
     objective = build()
-    opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-3, weight_decay=0)
-    batch, losses = clips(), []
-    for step in range(8):
-        objective.begin_step(step)
-        loss, logs = objective(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        objective.after_step(step)
-        losses.append(loss.item())
+    losses, logs = fit(objective, clips(), 8, 1e-3)
     assert losses[-1] < 0.7 * losses[0], losses
     assert set(logs) == {"label_clusters", "target_accuracy", "source_confidence"}
 
