@@ -157,8 +157,11 @@ class Telemetry:
             self.writer.add_scalar(key, value, step)
         self.jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
         self.jsonl.flush()
-        shown = {k: scalars[k] for k in ("loss", "lr", "samples_per_s", "data_wait_pct") if k in scalars}
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        shown = {k: f"{scalars[k]:.4g}" for k in ("loss", "lr", "samples_per_s", "data_wait_pct") if k in scalars}
+        if self.bar.disable:  # stderr is not a terminal (a log file, a pipe): one progress line per log step
+            print(f"step {step}/{self.bar.total} | " + " | ".join(f"{k} {v}" for k, v in shown.items()), flush=True)
+        else:
+            self.bar.set_postfix(shown, refresh=False)
 
     def print(self, message: str) -> None:
         if self.enabled:
