@@ -1,5 +1,6 @@
 """Backbones for evaluation: load one from a run, an export or an official checkpoint, and turn frames
-into dense L2-normalised feature maps or global descriptors."""
+into dense L2-normalised feature maps or global descriptors; and, for SMTC runs, find the exported slot
+head and run it over a video."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # uint8 (B, H, W, 3) -> float (B, D, h, w)
+SLOTS_FILE = "slots.safetensors"  # SMTC's slot head, exported beside backbone.safetensors (train/checkpoint.py)
+SLOT_OUTPUTS = ("semantic_logits", "semantic_slots", "instance_slots", "instance_logits")
 
 
 def load_backbone(ckpt: str | Path, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
@@ -105,3 +108,50 @@ def global_descriptor(backbone: nn.Module, images: torch.Tensor, n_last_blocks: 
     if avgpool:
         parts.append(blocks[-1][:, backbone.num_prefix_tokens:].mean(dim=1))  # patches only, no registers
     return torch.cat(parts, dim=-1).float()
+
+
+def slot_export(ckpt: str | Path | None) -> Path | None:
+    """The slot head exported beside the backbone of a run, checkpoint or ``init/`` folder (SMTC runs), else None."""
+    path = Path(ckpt) / SLOTS_FILE if ckpt else None
+    return path if path is not None and path.is_file() else None
+
+
+def clip_starts(frames: int, clip_len: int) -> list[int]:
+    """First frames of the clips of ``min(clip_len, frames)`` consecutive frames that cover a video: back to
+    back, the last one moved back to end at the last frame (so it may overlap the one before)."""
+    length = min(clip_len, frames)
+    starts = list(range(0, frames - length + 1, length))
+    if starts[-1] + length < frames:
+        starts.append(frames - length)
+    return starts
+
+
+@torch.inference_mode()
+def video_slots(network: nn.Module, frames: torch.Tensor, clip_len: int, noise: torch.Tensor,
+                clips_per_forward: int = 1) -> dict[str, torch.Tensor]:
+    """uint8 (T, H, W, 3) frames of one video -> ``models.slots.SMTCSlots`` outputs per frame: ``SLOT_OUTPUTS``
+    as (T, ...) float32 tensors on the CPU.
+
+    The network sees clips of ``clip_len`` consecutive frames (:func:`clip_starts`), since its correlation
+    injection pairs every frame with a neighbour of its clip; frames an overlapping last clip repeats are
+    taken from the clip before. (SMTC's script pads its last window with repeated frames instead, so its
+    last frames can be paired with themselves.) ``noise`` (S, P, D), standard normal, is the instance
+    draw of every frame: instance p of slot s starts from the same point in all of them, which is what
+    makes (s, p) one proposal through the video.
+    """
+    device = next(network.parameters()).device
+    starts = clip_starts(len(frames), clip_len)
+    length = min(clip_len, len(frames))
+    instance_init = network.slot_attention.instances_from_noise(noise.to(device))    # (1, S, P, D)
+    kept: dict[str, list[torch.Tensor]] = {name: [] for name in SLOT_OUTPUTS}
+    covered = 0
+    for first in range(0, len(starts), clips_per_forward):
+        group = starts[first:first + clips_per_forward]
+        clips = torch.stack([frames[start:start + length] for start in group]).to(device)   # (B, L, H, W, 3)
+        x = normalise_frames(clips.flatten(0, 1)).unflatten(0, clips.shape[:2])
+        out = network(x, instance_init.expand(x.shape[0] * length, -1, -1, -1))
+        for index, start in enumerate(group):
+            for name in SLOT_OUTPUTS:
+                kept[name].append(out[name][index, covered - start:].float().cpu())
+            covered = start + length
+    return {name: torch.cat(parts) for name, parts in kept.items()}

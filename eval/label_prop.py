@@ -287,16 +287,23 @@ def propagate_video(features: Iterable[torch.Tensor], first_mask: np.ndarray, fr
         yield soft_to_mask(soft, frame_size, cfg, stride).to(torch.uint8).cpu().numpy()
 
 
-def sequence_features(sequence: Sequence, feature_fn, net_size: tuple[int, int], batch: int,
-                      device: torch.device) -> Iterator[torch.Tensor]:
-    """Per-frame features, computed `batch` frames at a time (decode, resize, forward)."""
+def sequence_frames(sequence: Sequence, net_size: tuple[int, int], batch: int,
+                    device: torch.device) -> Iterator[torch.Tensor]:
+    """The frames in order as uint8 (B, H, W, 3) batches of up to `batch` on `device`, resized to `net_size`."""
     for start in range(0, len(sequence.frames), batch):
         frames = [torch.from_numpy(sequence.frame(i)) for i in range(start, min(start + batch, len(sequence.frames)))]
         x = torch.stack(frames).to(device)
         if tuple(x.shape[1:3]) != net_size:
             x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=net_size, mode="bilinear",
                               align_corners=False, antialias=True).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
-        yield from feature_fn(x)
+        yield x
+
+
+def sequence_features(sequence: Sequence, feature_fn, net_size: tuple[int, int], batch: int,
+                      device: torch.device) -> Iterator[torch.Tensor]:
+    """Per-frame features, computed `batch` frames at a time (decode, resize, forward)."""
+    for frames in sequence_frames(sequence, net_size, batch, device):
+        yield from feature_fn(frames)
 
 
 def propagate_sequences(sequences: list[Sequence], feature_fn, stride: int, cfg: PropagationConfig,

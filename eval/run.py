@@ -5,7 +5,7 @@
     python eval/run.py clusters  --ckpt RUN --data DAVIS_OR_EVAL_SHARDS [--granularity frame|clip|dataset]
     python eval/run.py knn       --ckpt RUN --data LABELLED_SHARDS [--val-data LABELLED_SHARDS]
     python eval/run.py linear    --ckpt RUN --data LABELLED_SHARDS [--val-data LABELLED_SHARDS]
-    python eval/run.py discovery --ckpt RUN --data DAVIS_UNSUPERVISED [--proposals 8]
+    python eval/run.py discovery --ckpt RUN --data DAVIS_UNSUPERVISED [--proposals 8] [--proposals-from slots|features]
 
 ``--ckpt`` is a run directory (its backbone.safetensors), a checkpoint folder of a run
 (``RUN/checkpoints/step-N``), an exported .safetensors, or an official
@@ -29,7 +29,9 @@ from PIL import Image
 
 from eval import clustering, davis_metrics, discovery, knn_linear, label_prop, visualize
 from eval.davis_io import open_sequences, read_mask, write_mask
-from eval.features import PixelCells, dense_feature_fn, feature_stride, global_descriptor, load_backbone
+from eval.features import (SLOTS_FILE, PixelCells, dense_feature_fn, feature_stride, global_descriptor, load_backbone,
+                           slot_export, video_slots)
+from models.io import load_smtc_slots
 from shard_tools.cli import fail
 from shard_tools.manifest import MANIFEST
 
@@ -144,25 +146,80 @@ def run_linear(args, backbone, device) -> dict:
     return {"scores": table, "data": report}
 
 
-def run_discovery(args, backbone, device) -> dict:
+def discovery_source(args) -> str:
+    """Where discovery's proposals come from: --proposals-from, else the run's slots when it exported them."""
+    return args.proposals_from or ("slots" if slot_export(args.ckpt) else "features")
+
+
+def slot_proposer(args, backbone, device):
+    """Proposals from the slot head an SMTC run exported: (propose(sequence, net_size, size) -> (T, H, W)
+    ids and the (slot, instance) pair of each id, settings for the json, the start line)."""
+    slots_file = slot_export(args.ckpt)
+    network, settings = load_smtc_slots(slots_file, backbone, iters=args.slot_iters)
+    network.to(device)
+    clip_len = args.clip_frames or settings["clip_len"]
+    stride = feature_stride(backbone)
+    # One seeded instance draw for the whole evaluation: instance p of slot s starts alike in every frame
+    noise = torch.randn((settings["num_slots"], settings["num_instances"], settings["dim"]),
+                        generator=torch.Generator().manual_seed(args.seed))
+
+    def propose(sequence, net_size, size):
+        frames = torch.cat(list(label_prop.sequence_frames(sequence, net_size, args.batch, device)))
+        outputs = video_slots(network, frames, clip_len, noise, max(1, args.batch // clip_len))
+        grid = (net_size[0] // stride, net_size[1] // stride)
+        return discovery.proposals_from_slots(outputs, grid, args.proposals, size, args.min_similarity,
+                                              args.mask_threshold)
+
+    candidates = settings["num_slots"] * settings["num_instances"]
+    details = {"slots": str(slots_file), "iters": args.slot_iters, "clip_frames": clip_len, "candidates": candidates,
+               "min_similarity": args.min_similarity, "mask_threshold": args.mask_threshold}
+    start = (f"discovery: proposals from the slots of {slots_file} ({candidates} instance slots, {args.slot_iters} "
+             f"iterations, clips of {clip_len} frames, cos >= {args.min_similarity}; the {args.proposals} largest "
+             "per sequence)")
+    return propose, details, start
+
+
+def feature_proposer(args, backbone, device):
+    """Proposals from one k-means of a sequence's patch features; returned as :func:`slot_proposer`'s."""
     feature_fn = dense_feature_fn(backbone, args.layer)
+
+    def propose(sequence, net_size, size):
+        feats = list(label_prop.sequence_features(sequence, feature_fn, net_size, args.batch, device))
+        return discovery.proposals_from_features(feats, args.proposals, size, seed=args.seed), None
+
+    start = f"discovery: proposals from k-means of the backbone features ({args.proposals} per sequence)"
+    return propose, {"layer": args.layer}, start
+
+
+def run_discovery(args, backbone, device) -> dict:
+    """Proposals per sequence (from ``discovery_source``), written as PNGs and scored. Frames go in at their
+    native size floored to the patch and ImageNet-normalised, as in training (SMTC's script squashes them
+    to 480 x 800 and normalises with Kinetics statistics)."""
     stride = feature_stride(backbone)
     sequences = open_sequences(args.data, subset=args.set, task="unsupervised")
     preset = label_prop.PRESETS["crw"]  # native size, floored to a multiple of the stride
+    source = discovery_source(args)
+    propose, details, start = (slot_proposer if source == "slots" else feature_proposer)(args, backbone, device)
+    print(start)
+    identities = {}
     for sequence in sequences:
         first = sequence.mask(sequence.frame_stems[0])
         net_size = label_prop.network_size(*first.shape, preset, stride)
-        feats = list(label_prop.sequence_features(sequence, feature_fn, net_size, args.batch, device))
-        proposals = discovery.proposals_from_features(feats, args.proposals, first.shape, seed=args.seed)
+        proposals, identities[sequence.name] = propose(sequence, net_size, first.shape)
         for stem, proposal in zip(sequence.frame_stems, proposals):
             write_mask(Path(args.out) / sequence.name / f"{stem}.png", proposal)
     scores = discovery.evaluate_discovery(sequences, args.out, lenient_per_frame=args.lenient_per_frame)
     table = davis_metrics.global_table(scores)
     protocol = ("LENIENT per-frame matching (SMTC code; not comparable with official numbers)"
                 if args.lenient_per_frame else "official: one matching per sequence, <= 20 proposals")
-    print(davis_metrics.format_table([table], davis_metrics.GLOBAL_COLUMNS))
-    print(f"protocol: {protocol}")
-    return {"protocol": protocol, "scores": table, "per_object": davis_metrics.per_object_table(scores)}
+    print(davis_metrics.format_table([{**table, "proposals": source}], (*davis_metrics.GLOBAL_COLUMNS, "proposals")))
+    print(f"protocol: {protocol}; proposals from {source}")
+    result = {"protocol": protocol, "proposals_from": source,
+              "proposal_settings": {**details, "max_proposals": args.proposals}, "scores": table,
+              "per_object": davis_metrics.per_object_table(scores)}
+    if source == "slots":  # the (slot, instance) pair behind each id 1..K of a sequence's PNGs
+        result["proposal_slots"] = identities
+    return result
 
 
 COMMANDS = {"labelprop": run_labelprop, "clusters": run_clusters, "knn": run_knn, "linear": run_linear,
@@ -179,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--arch", help="architecture (models.build name) when it cannot be inferred")
     common.add_argument("--data", required=True, help="dataset folder (see the command)")
     common.add_argument("--out", help="output folder (default <run>/eval/<command> or ./eval-<command>)")
-    common.add_argument("--seed", type=int, default=1, help="k-means / probe seed")
+    common.add_argument("--seed", type=int, default=1, help="k-means / probe seed (discovery: and the slots' "
+                                                             "instance draw)")
     common.add_argument("--trust-pickle", action="store_true", help="allow pickled (non weights-only) .pth")
     defaults = argparse.ArgumentDefaultsHelpFormatter
 
@@ -228,12 +286,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--lr", type=float, default=0.001, help="base lr per 256 samples (SGD momentum 0.9, cosine)")
 
     p = commands.add_parser("discovery", parents=[common], formatter_class=defaults,
-                            help="k-means object proposals scored on DAVIS-2017 unsupervised (official protocol)")
+                            help="object proposals (an SMTC run's slots, or k-means of features) scored on "
+                                 "DAVIS-2017 unsupervised (official protocol)")
     p.add_argument("--set", default="val", help="DAVIS subset")
     p.add_argument("--proposals", type=int, default=8, help="proposals per sequence (official limit 20)")
+    p.add_argument("--proposals-from", choices=("slots", "features"),
+                   help="slots: the slot head the run exported (slots.safetensors, SMTC); features: k-means of "
+                        "the backbone's patch features (default: slots when --ckpt holds them, else features)")
     p.add_argument("--lenient-per-frame", action="store_true",
                    help="SMTC's lenient scoring: Hungarian matching per frame (NOT the official protocol)")
-    p.add_argument("--layer", type=int, default=1, help="ViT block counted from the end")
+    p.add_argument("--layer", type=int, default=1, help="features: ViT block counted from the end")
+    p.add_argument("--slot-iters", type=int, default=5, help="slots: slot-attention iterations per stage "
+                                                             "(SMTC trains with 3 and evaluates with 5)")
+    p.add_argument("--clip-frames", type=int, help="slots: consecutive frames per clip (default: the run's clip_len)")
+    p.add_argument("--min-similarity", type=float, default=discovery.MIN_SLOT_SIMILARITY,
+                   help="slots: an instance is a candidate where cos(semantic slot, instance slot) >= this")
+    p.add_argument("--mask-threshold", type=float, default=discovery.MASK_THRESHOLD,
+                   help="slots: a pixel is background where its proposal's mask is below this fraction of its "
+                        "min-max range in the frame")
     p.add_argument("--batch", type=int, default=8, help="frames per forward")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     return parser
@@ -253,6 +323,9 @@ def check_inputs(args: argparse.Namespace) -> None:
     if args.ckpt and not Path(args.ckpt).exists():
         raise UsageError(f"--ckpt {args.ckpt}: no such file or folder (a run directory, an exported "
                          ".safetensors or an official checkpoint)")
+    if args.command == "discovery" and args.proposals_from == "slots" and not slot_export(args.ckpt):
+        raise UsageError(f"--proposals-from slots: {args.ckpt} holds no {SLOTS_FILE}; pass the folder of an SMTC "
+                         "run (or its checkpoints/step-N or init/), or use --proposals-from features")
     for flag in ("data", "val_data"):
         data = getattr(args, flag, None)
         if data is None:

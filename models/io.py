@@ -7,7 +7,8 @@ Reads: our exports (safetensors with ``arch``/``kwargs`` metadata), official DIN
 blocks), timm ViT state dicts (DINOv2 ones included), CRW (videowalk) checkpoints, and the same formats
 written by DoRA/SMTC/TimeT (``encoder.`` prefixes). Writes: a backbone as a safetensors file with timm
 key names, loadable by ``timm.models.vision_transformer.VisionTransformer`` (or ``timm.create_model``
-of the same name, for DINOv2) as is.
+of the same name, for DINOv2) as is; and the networks an objective runs on top of it (SMTC's slots) as
+a head export, rebuilt around that backbone by ``load_smtc_slots``.
 
 Pickled checkpoints are read with ``torch.load(weights_only=True)``: no code in a checkpoint runs
 unless the caller passes ``trust_pickle=True``.
@@ -26,11 +27,13 @@ import torch
 from torch import nn
 
 from models.registry import DINOV2_SIZES, build
+from models.slots import SMTCSlots
 from models.vit import VIT_SIZES, VisionTransformer, resize_pos_embed
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "densevid-backbone-v1"
+HEAD_FORMAT = "densevid-head-v1"
 # Wrappers that prefix backbone keys: DDP, torch.compile, our EMA teachers (train/teacher.py), DINO's
 # MultiCropWrapper, SMTC/CRW encoders.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.", "backbone.", "encoder.model.", "encoder.", "model.")
@@ -253,8 +256,6 @@ def export_backbone(model: nn.Module, path: str | Path, arch: str | None = None,
     ``arch`` and ``kwargs`` default to what ``models.build`` recorded on the model. Written to a
     temporary name first, then renamed, so readers never see half a file; missing parent folders are made.
     """
-    from safetensors.torch import save_file
-
     for wrapper in ("module", "_orig_mod"):  # DistributedDataParallel, then torch.compile
         model = getattr(model, wrapper, model)
     if arch is None:
@@ -264,11 +265,39 @@ def export_backbone(model: nn.Module, path: str | Path, arch: str | None = None,
         kwargs = {**{k: v for k, v in recorded.items() if k not in RUNTIME_KWARGS}, **kwargs}
     if getattr(model, "removed_modules", None):  # stages dropped after build (CRW's test-time encoder)
         kwargs["remove_layers"] = list(model.removed_modules)
-    state = {key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()}
+    metadata = {"format": EXPORT_FORMAT, "arch": arch, "kwargs": json.dumps(kwargs, sort_keys=True)}
+    return _save_weights(model, path, metadata)
+
+
+def _save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str]) -> Path:
+    """``module``'s state dict as safetensors with ``metadata``, under a temporary name first, then renamed,
+    so readers never see half a file; missing parent folders are made."""
+    from safetensors.torch import save_file
+
+    state = {key: value.detach().to("cpu").contiguous() for key, value in module.state_dict().items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    metadata = {"format": EXPORT_FORMAT, "arch": arch, "kwargs": json.dumps(kwargs, sort_keys=True)}
     save_file(state, str(temporary), metadata=metadata)
     temporary.replace(path)
     return path
+
+
+def export_head(module: nn.Module, path: str | Path, settings: dict) -> Path:
+    """Save a network beside the backbone (an objective's ``export_heads``, e.g. SMTC's slots) as
+    safetensors with the JSON ``settings`` that rebuild it in the metadata; written like
+    :func:`export_backbone`. The backbone it runs on is the ``backbone.safetensors`` of the same folder."""
+    return _save_weights(module, path, {"format": HEAD_FORMAT, "settings": json.dumps(settings, sort_keys=True)})
+
+
+def load_smtc_slots(path: str | Path, encoder: nn.Module, **overrides) -> tuple[SMTCSlots, dict]:
+    """SMTC's slot network (``models.slots.SMTCSlots``, eval mode) around ``encoder`` (the backbone
+    exported beside the head) from a head export, and the settings it was built with: the export's
+    (with what the objective added, e.g. SMTC's ``clip_len``), edited by ``overrides`` (``iters=5``)."""
+    state, metadata = read_checkpoint(path)
+    if metadata.get("format") != HEAD_FORMAT:
+        raise ValueError(f"{path} is not a densevid head export (metadata format {metadata.get('format')!r})")
+    settings = {**json.loads(metadata["settings"]), **overrides}
+    network = SMTCSlots.from_settings(encoder, settings)
+    network.head().load_state_dict(state)  # strict: a missing or foreign weight names itself
+    return network.eval(), settings

@@ -20,6 +20,8 @@ from torch import nn
 from models.heads import MLP
 
 GATES = ("hard", "softmax")
+# SMTCSlots' modules besides the encoder, in the order they run.
+HEAD_MODULES = ("transport_proj", "slot_attention", "mlp_slot")
 
 
 class SlotAttention(nn.Module):
@@ -44,7 +46,7 @@ class SlotAttention(nn.Module):
         if gate not in GATES:
             raise ValueError(f"SlotAttention gate={gate!r}: choose one of {GATES}")
         self.gate = gate
-        self.num_slots, self.num_instances, self.iters = num_slots, num_instances, iters
+        self.num_slots, self.num_instances, self.iters, self.hidden_dim = num_slots, num_instances, iters, hidden_dim
         self.instance_gate, self.eps, self.reparameterize = instance_gate, eps, reparameterize
         self.scale = dim ** -0.5
         self.norm_input = nn.LayerNorm(dim)
@@ -75,6 +77,12 @@ class SlotAttention(nn.Module):
                 slots = slots.detach() - init.detach() + init
         return slots, logits
 
+    def instances_from_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """Stage-2 initialisation from standard-normal ``noise`` (..., S, P, dim): slots_mu + exp(slots_sigma)
+        * noise, the distribution the module samples from. A fixed ``noise`` gives every frame the same
+        instance draw (discovery keeps instance ids consistent over a video that way)."""
+        return self.slots_mu + self.slots_sigma.exp() * noise
+
     def forward(self, inputs: torch.Tensor, instance_init: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Tokens (B, N, dim) -> ``semantic_slots`` (B, S, dim), ``semantic_logits`` (B, S, N),
         ``instance_slots`` (B, S, P, dim), ``instance_logits`` (B, S, P, N).
@@ -103,10 +111,10 @@ class SlotAttention(nn.Module):
 
         if instance_init is None:
             mu = self.slots_mu.expand(batch, -1, self.num_instances, -1)
-            sigma = self.slots_sigma.exp().expand(batch, -1, self.num_instances, -1)
             if self.reparameterize:
-                instance_init = mu + sigma * torch.randn_like(mu)
+                instance_init = self.instances_from_noise(torch.randn_like(mu))
             else:
+                sigma = self.slots_sigma.exp().expand(batch, -1, self.num_instances, -1)
                 instance_init = torch.normal(mu.detach(), sigma.detach())
         instance, instance_logits = self._iterate(instance_init, keys, values, over_instances)
         return {"semantic_slots": semantic, "semantic_logits": semantic_logits,
@@ -118,6 +126,12 @@ def slot_masks(semantic_logits: torch.Tensor, instance_logits: torch.Tensor) -> 
     semantic mask x softmax over the P instances of each slot."""
     semantic = semantic_logits.softmax(dim=-2)
     return semantic, semantic.unsqueeze(-2) * instance_logits.softmax(dim=-2)
+
+
+def semantic_instance_cosine(semantic_slots: torch.Tensor, instance_slots: torch.Tensor) -> torch.Tensor:
+    """Cosine of every instance slot (…, S, P, D) with its semantic slot (…, S, D) -> (…, S, P): SMTC's
+    test of whether an instance is a real part of its slot (training: > 0.5; discovery: >= 0.5)."""
+    return torch.einsum("...sc,...spc->...sp", F.normalize(semantic_slots, dim=-1), F.normalize(instance_slots, dim=-1))
 
 
 class SMTCSlots(nn.Module):
@@ -142,6 +156,34 @@ class SMTCSlots(nn.Module):
         self.transport_proj = nn.Conv1d(self.train_grid[0] * self.train_grid[1], dim, kernel_size=1)
         self.slot_attention = slots
         self.mlp_slot = MLP(dim, dim, 2 * dim, num_layers=2, act="relu")
+
+    def head(self) -> nn.ModuleDict:
+        """The network around the encoder (``transport_proj``, ``slot_attention``, ``mlp_slot``), sharing
+        this module's parameters: what a run exports as its slot head, the encoder being its backbone."""
+        return nn.ModuleDict({name: getattr(self, name) for name in HEAD_MODULES})
+
+    def settings(self) -> dict:
+        """Everything besides the weights that rebuilds :meth:`head` (JSON types; see :meth:`from_settings`)."""
+        slots = self.slot_attention
+        return {"arch": getattr(self.encoder, "build_spec", (None,))[0], "dim": self.encoder.embed_dim,
+                "num_slots": slots.num_slots, "num_instances": slots.num_instances, "iters": slots.iters,
+                "hidden_dim": slots.hidden_dim, "gate": slots.gate, "gate_threshold": slots.instance_gate,
+                "reparameterize": slots.reparameterize, "train_grid": list(self.train_grid),
+                "correlation_wrap": self.correlation_wrap}
+
+    @classmethod
+    def from_settings(cls, encoder: nn.Module, settings: dict) -> "SMTCSlots":
+        """A freshly initialised network around ``encoder`` with the head that ``settings`` (from
+        :meth:`settings`, possibly edited, e.g. more ``iters`` to evaluate) describe."""
+        arch = getattr(encoder, "build_spec", (None,))[0]
+        if settings.get("arch") and arch and settings["arch"] != arch:
+            raise ValueError(f"the slot head was trained on a {settings['arch']} encoder, not {arch}")
+        if settings["dim"] != encoder.embed_dim:
+            raise ValueError(f"the slot head is {settings['dim']} wide, the encoder {encoder.embed_dim}")
+        slots = SlotAttention(settings["num_slots"], settings["dim"], settings["num_instances"], settings["iters"],
+                              settings["hidden_dim"], instance_gate=settings["gate_threshold"],
+                              reparameterize=settings["reparameterize"], gate=settings["gate"])
+        return cls(encoder, tuple(settings["train_grid"]), slots, correlation_wrap=settings["correlation_wrap"])
 
     def neighbours(self, frames: int) -> torch.Tensor:
         """Index of the frame each frame is correlated with."""

@@ -3,7 +3,8 @@
 A checkpoint is ``<run>/checkpoints/step-000100/``: Accelerate's state (model, optimiser, every
 rank's RNG) plus one ``trainer-rank<r>.pt`` per rank (step, loader position, world size). It is
 written under a hidden temporary name and renamed only once every rank has finished, so a crash
-mid-write never leaves a checkpoint that ``--resume auto`` would pick up.
+mid-write never leaves a checkpoint that ``--resume auto`` would pick up. What evaluation reads of a
+checkpoint (``backbone.safetensors`` and the objective's heads) is exported into it by ``export_networks``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from train.rundir import checkpoint_path, list_checkpoints
+from models.io import export_backbone, export_head
+from train.rundir import RUN_OUTPUTS, checkpoint_path, list_checkpoints
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -75,6 +77,17 @@ def save_checkpoint(accelerator: Accelerator, module: torch.nn.Module, run_dir: 
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def export_networks(objective, folder: Path) -> list[Path]:
+    """Export what eval reads into ``folder`` (a run, one of its checkpoints, its ``init/``): the backbone
+    as ``backbone.safetensors`` and every head of ``objective.export_heads()`` as ``<name>.safetensors``."""
+    written = [export_backbone(objective.backbone(), Path(folder) / "backbone.safetensors")]
+    for name, (module, settings) in objective.export_heads().items():
+        if f"{name}.safetensors" not in RUN_OUTPUTS:  # --overwrite must be able to remove it
+            raise ValueError(f"head export {name}.safetensors is not listed in train/rundir.py RUN_OUTPUTS")
+        written.append(export_head(module, Path(folder) / f"{name}.safetensors", settings))
+    return written
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:

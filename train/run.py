@@ -11,7 +11,8 @@ Continue a run:       the same command with --resume auto (also after SIGTERM / 
 
 Every rank reads a disjoint part of the shards; the global batch is data.batch_size x processes x
 optim.accum_steps and the peak LR is scaled to it explicitly (optim.lr_scaling). The run directory
-gets config.yaml, versions.json, checkpoints/step-NNNNNN/, backbone.safetensors, tb/, log.jsonl.
+gets config.yaml, versions.json, checkpoints/step-NNNNNN/, backbone.safetensors (and the objective's
+heads, e.g. SMTC's slots.safetensors; also in every checkpoint and in init/), tb/, log.jsonl.
 """
 from __future__ import annotations
 
@@ -167,9 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models.io import export_backbone
     from pipeline import build_loader
-    from train.checkpoint import GracefulStop, load_checkpoint, save_checkpoint
+    from train.checkpoint import GracefulStop, export_networks, load_checkpoint, save_checkpoint
     from train.finetune import backbone_lr_mult, prepare_backbone
     from train.objectives import OBJECTIVES
     from train.optim import clip_gradients_, cosine_schedule, param_groups, scaled_lr, set_lr_wd
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         (run_dir / "versions.json").write_text(json.dumps(collect_versions(REPO_ROOT), indent=2) + "\n")
     accelerator.wait_for_everyone()
     if resume_from is None and accelerator.is_main_process:  # the network at step 0, for "does it learn?"
-        export_backbone(core.backbone(), run_dir / "init" / "backbone.safetensors")
+        export_networks(core, run_dir / "init")
 
     telemetry = Telemetry(run_dir, accelerator.is_main_process, start, total)
     if removed:
@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 saved = save_checkpoint(accelerator, core, run_dir, step, {"step": step, "loader": loader.state_dict()},
                                         cfg.run.keep_checkpoints)
                 if accelerator.is_main_process:  # written to a temporary name, then renamed
-                    export_backbone(core.backbone(), saved / "backbone.safetensors")
-                    export_backbone(core.backbone(), run_dir / "backbone.safetensors")
+                    export_networks(core, saved)
+                    export_networks(core, run_dir)
             if stopping:
                 stopped_by = stop.requested or "another rank"
                 break

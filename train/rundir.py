@@ -13,8 +13,10 @@ from pathlib import Path
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Everything train/run.py and eval/run.py write into a run directory: what --overwrite removes.
+# The exported heads of every objective (Objective.export_heads) are listed too, so that a run never
+# leaves another method's slots beside its own backbone.
 RUN_OUTPUTS = (CHECKPOINT_DIR, "log.jsonl", "tb", "config.yaml", "versions.json", "backbone.safetensors",
-               "throughput.json", "eval", "init")
+               "slots.safetensors", "throughput.json", "eval", "init")
 NONFINITE_DUMPS = "nonfinite-step-*.pt"
 
 

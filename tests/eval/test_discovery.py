@@ -64,3 +64,41 @@ def test_evaluate_discovery_reads_results_folder(tmp_path):
     official = discovery.evaluate_discovery([sequence], tmp_path / "res")
     lenient = discovery.evaluate_discovery([sequence], tmp_path / "res", lenient_per_frame=True)
     assert official[0].j.mean() == pytest.approx(0.5) and lenient[0].j.mean() == pytest.approx(1.0)
+
+
+def crafted_slot_outputs():
+    """Two frames on a 2 x 4 grid, 2 semantic slots x 2 instances. Slot 1 owns grid column 0, slot 0 the
+    rest; inside slot 0, instance 1 owns columns 1-2 and instance 0 column 3. Slot 1's instances are
+    invalid (cosine 0 and -1 with their slot); instance (0, 0) is valid in frame 0 only."""
+    big = 20.0
+    columns = torch.arange(8) % 4
+    semantic_logits = torch.where(columns == 0, torch.tensor([[-big], [big]]), torch.tensor([[big], [-big]]))
+    instance_logits = torch.zeros(2, 2, 8)
+    instance_logits[0] = torch.where(columns == 3, torch.tensor([[big], [-big]]), torch.tensor([[-big], [big]]))
+    e = torch.eye(3)
+    semantic_slots = torch.stack([e[0], e[1]])
+    instance_slots = torch.stack([torch.stack([e[0] + 0.1 * e[2], e[0]]), torch.stack([e[2], -e[1]])])
+    outputs = {"semantic_logits": semantic_logits.expand(2, -1, -1),
+               "instance_logits": instance_logits.expand(2, -1, -1, -1),
+               "semantic_slots": semantic_slots.expand(2, -1, -1), "instance_slots": instance_slots.repeat(2, 1, 1, 1)}
+    outputs["instance_slots"][1, 0, 0] = -e[0]  # instance (0, 0) is not part of its slot in frame 1
+    return outputs
+
+
+def test_slot_proposals_from_crafted_outputs():
+    outputs = crafted_slot_outputs()
+    masks, valid = discovery.slot_candidates(outputs["semantic_logits"], outputs["instance_logits"],
+                                             outputs["semantic_slots"], outputs["instance_slots"])
+    assert valid.tolist() == [[True, True, False, False], [False, True, False, False]]
+    maps, pairs = discovery.proposals_from_slots(outputs, (2, 4), 3, (4, 8))
+    # two candidates are ever valid; the larger (4 cells in 2 frames, against 2 cells in 1) is id 1
+    assert pairs == [(0, 1), (0, 0)]
+    # x2 bilinear: pixel columns 0-1 straddle slot 1's column (below 0.3 of the range: background)
+    assert (maps[0] == np.array([0, 0, 1, 1, 1, 1, 2, 2])).all()
+    assert (maps[1] == np.array([0, 0, 1, 1, 1, 1, 0, 0])).all()  # id 2 is invalid in frame 1: background
+    single, pairs = discovery.proposals_from_slots(outputs, (2, 4), 1, (4, 8))
+    assert pairs == [(0, 1)] and (single == np.array([0, 0, 1, 1, 1, 1, 0, 0])).all()
+    assigned, _ = discovery.proposals_from_slots(outputs, (2, 4), 3, (4, 8), threshold=0.0)
+    assert (assigned[0] == np.array([1, 1, 1, 1, 1, 1, 2, 2])).all()  # no threshold: any positive mask wins
+    with pytest.raises(ValueError, match="1..20"):
+        discovery.select_by_area(masks, valid, 21)

@@ -61,14 +61,56 @@ def test_knn_and_linear_on_labelled_shards(run_dir, jpeg_shards, tmp_path):
     assert linear["scores"]["train"] == linear["scores"]["test"] == 6
 
 
-def test_discovery_official_protocol(run_dir, davis_dir, tmp_path):
-    unsupervised = tmp_path / "davis"
-    shutil.copytree(davis_dir, unsupervised)
+@pytest.fixture(scope="module")
+def unsupervised_davis(davis_dir, tmp_path_factory):
+    """`davis_dir` with its masks also as the unsupervised task's (Annotations_unsupervised)."""
+    unsupervised = shutil.copytree(davis_dir, tmp_path_factory.mktemp("unsupervised") / "davis")
     shutil.copytree(unsupervised / "Annotations", unsupervised / "Annotations_unsupervised")
-    result = run_eval("discovery", "--ckpt", run_dir, "--data", unsupervised, "--proposals", "4",
+    return unsupervised
+
+
+def test_discovery_official_protocol(run_dir, unsupervised_davis, tmp_path):
+    result = run_eval("discovery", "--ckpt", run_dir, "--data", unsupervised_davis, "--proposals", "4",
                       "--out", tmp_path / "out", "--device", "cpu")
-    assert result["protocol"].startswith("official")
+    assert result["protocol"].startswith("official") and result["proposals_from"] == "features"
     assert 0.0 <= result["scores"]["J&F-Mean"] <= 1.0
+    with pytest.raises(UsageError, match="holds no slots.safetensors"):
+        run_eval("discovery", "--ckpt", run_dir, "--data", unsupervised_davis, "--proposals-from", "slots",
+                 "--out", tmp_path / "none")
+
+
+def test_smtc_run_is_evaluated_from_its_slots_and_features(jpeg_shards, davis_dir, unsupervised_davis, tmp_path,
+                                                           capsys):
+    """One tiny SMTC step through train/run.py, then eval/run.py with no method-specific flag: discovery
+    reads the exported slots, labelprop --protocol smtc the encoder's un-normed tokens."""
+    from train import run as train_run
+    from train.gpu_report import DRY_RUN_OVERRIDES
+
+    smtc = tmp_path / "smtc"
+    assert train_run.main(["--method", "smtc", "--data", str(jpeg_shards), "--out", str(smtc), "--steps", "1", "--cpu",
+                           "--data.batch_size", "2", "--data.num_workers", "0", *DRY_RUN_OVERRIDES["smtc"]]) == 0
+    capsys.readouterr()
+    result = run_eval("discovery", "--ckpt", smtc, "--data", unsupervised_davis, "--proposals", "4", "--device", "cpu")
+    printed = capsys.readouterr().out
+    assert printed.startswith("discovery: proposals from the slots") and "proposals from slots" in printed
+    written = json.loads((smtc / "eval" / "discovery" / "discovery.json").read_text())
+    assert written["proposals_from"] == result["proposals_from"] == "slots"
+    assert written["proposal_settings"]["iters"] == 5 and written["proposal_settings"]["clip_frames"] == 3
+    assert 0.0 <= written["scores"]["J&F-Mean"] <= 1.0
+    from eval.davis_io import read_mask
+    for sequence, pairs in written["proposal_slots"].items():  # ids 1..K, K <= 4, each a (slot, instance) pair
+        pngs = sorted((smtc / "eval" / "discovery" / sequence).glob("*.png"))
+        assert len(pngs) == 32 and len(pairs) <= 4 and all(0 <= s < 4 and 0 <= p < 2 for s, p in pairs)
+        assert max(int(read_mask(png).max()) for png in pngs) <= len(pairs)
+    step = run_eval("discovery", "--ckpt", smtc / "checkpoints" / "step-000001", "--data", unsupervised_davis,
+                    "--proposals", "4", "--device", "cpu", "--out", tmp_path / "step")
+    assert step["scores"] == written["scores"]  # the run folder's export is its last checkpoint's
+    features = run_eval("discovery", "--ckpt", smtc, "--data", unsupervised_davis, "--proposals-from", "features",
+                        "--proposals", "4", "--device", "cpu", "--out", tmp_path / "features")
+    assert features["proposals_from"] == "features"
+    labelprop = run_eval("labelprop", "--ckpt", smtc, "--data", davis_dir, "--protocol", "smtc", "--context", "4",
+                         "--device", "cpu", "--out", tmp_path / "labelprop")
+    assert 0.0 <= labelprop["scores"]["J&F-Mean"] <= 1.0
 
 
 @pytest.mark.parametrize("script", ["eval/run.py", "eval/davis_metrics.py", "eval/label_prop.py",

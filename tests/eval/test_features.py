@@ -85,3 +85,21 @@ def test_smtc_export_is_evaluated_on_unnormed_last_block_tokens(tmp_path):
     tokens = trained.forward_features(ft.normalise_frames(frames), norm=False)["patches"]
     expected = torch.nn.functional.normalize(tokens, dim=-1).transpose(1, 2).reshape(1, -1, 2, 3)
     torch.testing.assert_close(ft.dense_feature_fn(loaded)(frames), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_video_slots_runs_clips_of_consecutive_frames():
+    from models.slots import SlotAttention, SMTCSlots
+
+    assert ft.clip_starts(5, 3) == [0, 2] and ft.clip_starts(6, 3) == [0, 3] and ft.clip_starts(2, 4) == [0]
+    torch.manual_seed(0)
+    network = SMTCSlots(models.build("vit_tiny_patch16"), (2, 2), SlotAttention(3, 192, 2, 2, 192)).eval()
+    frames = torch.randint(0, 256, (5, 32, 48, 3), dtype=torch.uint8)
+    noise = torch.randn(3, 2, 192)
+    out = ft.video_slots(network, frames, 3, noise, clips_per_forward=2)
+    assert out["instance_logits"].shape == (5, 3, 2, 6) and out["semantic_slots"].shape == (5, 3, 192)
+    init = network.slot_attention.instances_from_noise(noise).expand(3, -1, -1, -1)
+    with torch.no_grad():  # frames 3 and 4 come from the clip of frames 2-4, frames 0-2 from the first
+        last = network(ft.normalise_frames(frames[2:])[None], init)
+        first = network(ft.normalise_frames(frames[:3])[None], init)
+    torch.testing.assert_close(out["instance_logits"][3:], last["instance_logits"][0, 1:])
+    torch.testing.assert_close(out["semantic_logits"][:3], first["semantic_logits"][0])

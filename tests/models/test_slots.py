@@ -1,4 +1,5 @@
 """SMTC slot attention: shapes, a hand-computed iteration, gating, and where gradients flow."""
+import pytest
 import torch
 from torch import nn
 
@@ -68,3 +69,34 @@ def test_slot_masks_are_distributions():
     semantic, instance = slot_masks(torch.randn(2, 4, 10), torch.randn(2, 4, 3, 10))
     torch.testing.assert_close(semantic.sum(dim=1), torch.ones(2, 10))
     torch.testing.assert_close(instance.sum(dim=(1, 2)), torch.ones(2, 10))
+
+
+def test_reparameterised_draw_is_instances_from_noise():
+    sa = small_slots(reparameterize=True, iters=1)
+    x = torch.randn(2, 6, 8)
+    torch.manual_seed(3)
+    out = sa(x)
+    torch.manual_seed(3)
+    init = sa.instances_from_noise(torch.randn(2, 4, 3, 8))
+    torch.testing.assert_close(sa(x, instance_init=init)["instance_slots"], out["instance_slots"])
+
+
+def test_settings_rebuild_the_same_head():
+    import models
+    from models.slots import SMTCSlots
+
+    torch.manual_seed(0)
+    slots = SlotAttention(num_slots=3, dim=192, num_instances=2, iters=4, hidden_dim=256, instance_gate=0.1,
+                          gate="softmax")
+    net = SMTCSlots(models.build("vit_tiny_patch16"), (2, 3), slots, correlation_wrap=True)
+    settings = net.settings()
+    assert settings == {"arch": "vit_tiny_patch16", "dim": 192, "num_slots": 3, "num_instances": 2, "iters": 4,
+                        "hidden_dim": 256, "gate": "softmax", "gate_threshold": 0.1, "reparameterize": False,
+                        "train_grid": [2, 3], "correlation_wrap": True}
+    twin = SMTCSlots.from_settings(net.encoder, settings)
+    assert twin.settings() == settings
+    assert {k: v.shape for k, v in twin.head().state_dict().items()} == \
+        {k: v.shape for k, v in net.head().state_dict().items()}
+    assert not any(k.startswith("encoder.") for k in net.head().state_dict())
+    with pytest.raises(ValueError, match="vit_small_patch16"):
+        SMTCSlots.from_settings(net.encoder, {**settings, "arch": "vit_small_patch16"})

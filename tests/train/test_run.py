@@ -32,6 +32,7 @@ LOGGED = {
     "dora": ({"teacher_entropy", "feature_std", "momentum", "teacher_temp", "wd", "mask_fraction"}, "teacher."),
     "smtc": ({"diversity", "consistency", "instance", "valid_fraction", "backbone_lr"}, "student.encoder."),
 }
+HEADS = {"smtc": ["slots.safetensors"]}
 SAVED = {"crw": ("patch_size", 16), "dino": ("out_dim", 64), "timet": ("num_prototypes", 8),
          "selfpatch": ("patch_out_dim", 32), "dora": ("out_dim", 64),
          "smtc": ("num_slots", 4)}
@@ -80,6 +81,11 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
         assert any(torch.equal(value, e) for e in exported.values() if e.shape == value.shape)
     # Every checkpoint keeps its own backbone, and the step-0 network is exported for comparison.
     same_tensors(out / "checkpoints/step-000002/backbone.safetensors", out / "backbone.safetensors")
+    # Heads evaluation reads (Objective.export_heads) sit beside every exported backbone: SMTC's slots.
+    for folder in (out, out / "checkpoints/step-000002", out / "init"):
+        heads = sorted(p.name for p in folder.glob("*.safetensors") if p.name not in ("backbone.safetensors",
+                                                                                     "model.safetensors"))
+        assert heads == HEADS.get(method, []), folder
     init = load_file(str(out / "init" / "backbone.safetensors"))
     assert init.keys() == load_file(str(out / "backbone.safetensors")).keys()
     assert any(not torch.equal(v, load_file(str(out / "backbone.safetensors"))[k]) for k, v in init.items())

@@ -401,3 +401,31 @@ def test_loss_decreases_on_a_fixed_batch():
         smtc.after_step(0)
         losses.append(float(loss))
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_exported_slots_rebuild_the_students_network(tmp_path):
+    """What train/run.py exports (backbone + slots.safetensors) rebuilds the student: same outputs on the
+    same clip and instance draw, its non-default settings included."""
+    import models.io
+    from train.checkpoint import export_networks
+
+    smtc = tiny_smtc(instance_gate="softmax", correlation_wrap=True, slot_iters=2, clip_len=3).eval()
+    with torch.no_grad():  # away from any fresh initialisation, encoder included
+        for p in smtc.student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    written = export_networks(smtc, tmp_path)
+    assert [p.name for p in written] == ["backbone.safetensors", "slots.safetensors"]
+    encoder = models.io.load_backbone(tmp_path / "backbone.safetensors")
+    network, settings = models.io.load_smtc_slots(tmp_path / "slots.safetensors", encoder)
+    assert (settings["clip_len"], settings["gate"], settings["iters"]) == (3, "softmax", 2)
+    assert settings["train_grid"] == [2, 2] and settings["correlation_wrap"]
+    torch.manual_seed(1)
+    clip = torch.randn(1, 3, 3, 48, 32)  # not the training size: keys are resized to the training grid
+    init = smtc.student.slot_attention.instances_from_noise(torch.randn(4, 2, 192)).expand(3, -1, -1, -1)
+    with torch.no_grad():
+        expected, got = smtc.student(clip, init), network(clip, init)
+        five = models.io.load_smtc_slots(tmp_path / "slots.safetensors", encoder, iters=5)[0](clip, init)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name])
+    assert not torch.allclose(five["semantic_slots"], expected["semantic_slots"])  # the override is used

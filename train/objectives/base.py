@@ -52,6 +52,12 @@ class Objective(nn.Module):
         """The network exported as the run's backbone (built by ``models.build``)."""
         raise NotImplementedError
 
+    def export_heads(self) -> dict[str, tuple[nn.Module, dict]]:
+        """Networks besides the backbone that evaluation reads, by file stem: ``{name: (module, settings)}``,
+        exported as ``<name>.safetensors`` next to ``backbone.safetensors`` with the JSON ``settings``
+        that rebuild the module (``models.io.export_head``). None by default."""
+        return {}
+
     def student_backbone(self) -> nn.Module:
         """The backbone network the optimiser trains (built by ``models.build``): what ``model.init``
         loads, what ``model.trainable`` selects in, and what ``optim.backbone_lr_mult`` scales."""

@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 import models
-from models.slots import SlotAttention, SMTCSlots
+from models.slots import SlotAttention, SMTCSlots, semantic_instance_cosine
 from pipeline import ViewSpec
 from train.objectives.base import Objective
 from train.sinkhorn import sinkhorn_transport_plan
@@ -99,8 +99,7 @@ def valid_instances(semantic_logits: torch.Tensor, semantic_slots: torch.Tensor,
     (cosine > min_similarity) and the semantic slot's mask (softmax over slots > mask_threshold)
     covers more than min_area of the frame. Raw slots, not mlp_slot outputs; no gradient."""
     area = (semantic_logits.softmax(dim=-2) > mask_threshold).to(semantic_logits.dtype).mean(-1)
-    cosine = torch.einsum("...sc,...spc->...sp", F.normalize(semantic_slots, dim=-1),
-                          F.normalize(instance_slots, dim=-1))
+    cosine = semantic_instance_cosine(semantic_slots, instance_slots)
     return ((cosine > min_similarity) & (area > min_area)[..., None]).to(semantic_logits.dtype)
 
 
@@ -271,6 +270,10 @@ class SMTC(Objective):
 
     def backbone(self) -> nn.Module:
         return self.student.encoder  # the reference evaluates the student's encoder
+
+    def export_heads(self) -> dict[str, tuple[nn.Module, dict]]:
+        # The student's slots run on the exported student encoder; discovery reads them in windows of a clip
+        return {"slots": (self.student.head(), {**self.student.settings(), "clip_len": self.cfg.clip_len})}
 
     def student_backbone(self) -> nn.Module:
         return self.student.encoder
