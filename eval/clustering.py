@@ -29,43 +29,50 @@ def standardise_and_project(features: torch.Tensor, dims: int = 50) -> torch.Ten
     return (x @ vectors[:, -dims:].flip(1)).float()
 
 
+def _squared_distances(x: torch.Tensor, squared_norms: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(N, D) points (their (N, 1) squared norms) and (R, j, D) centroids -> (N, R, j) squared distances,
+    from one matmul over every restart's centroids (a broadcast batched matmul would copy x R times)."""
+    flat = centroids.reshape(-1, x.shape[1])
+    distances = torch.addmm(squared_norms + (flat * flat).sum(1), x, flat.T, alpha=-2).clamp_min_(0)
+    return distances.view(len(x), *centroids.shape[:2])
+
+
 def kmeans(x: torch.Tensor, k: int, iterations: int = 50, restarts: int = 5, seed: int = 1
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means with k-means++ seeding, all restarts run together as one batch; the restart with
-    the lowest inertia wins. Returns (labels (N,), centroids (k, D)). Deterministic for a seed."""
+    """Lloyd's k-means with k-means++ seeding, all restarts run together as one batch, until no
+    assignment changes or ``iterations`` updates; the restart with the lowest inertia wins. Returns
+    (labels (N,), centroids (k, D)). Deterministic for a seed."""
     if k > len(x):
         raise ValueError(f"k-means with k={k} needs at least k points, got {len(x)}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     x = x.float()
-    squared_norms = (x * x).sum(1)
-
-    def squared_distances(centroids: torch.Tensor) -> torch.Tensor:  # (R, k, D) -> (R, N, k)
-        return (squared_norms[None, :, None] - 2 * x[None] @ centroids.transpose(1, 2)
-                + (centroids * centroids).sum(2)[:, None, :]).clamp_min_(0)
+    dim = x.shape[1]
+    squared_norms = (x * x).sum(1, keepdim=True)
 
     picks = torch.randint(len(x), (restarts,), generator=generator).to(x.device)
     centroids = x[picks][:, None]                                                   # (R, 1, D)
-    nearest = squared_distances(centroids)[..., 0]                                  # (R, N)
+    nearest = _squared_distances(x, squared_norms, centroids)[..., 0]               # (N, R)
     for _ in range(1, k):  # k-means++: next centre drawn in proportion to the squared distance
-        weights = nearest.cpu().double() + 1e-30  # (+tiny: duplicate points must not zero every weight)
+        weights = nearest.T.cpu().double() + 1e-30  # (+tiny: duplicate points must not zero every weight)
         picks = torch.multinomial(weights, 1, generator=generator)[:, 0].to(x.device)
         centroids = torch.cat([centroids, x[picks][:, None]], dim=1)
-        nearest = torch.minimum(nearest, squared_distances(centroids[:, -1:])[..., 0])
-    offsets = (torch.arange(restarts, device=x.device) * k)[:, None]
+        nearest = torch.minimum(nearest, _squared_distances(x, squared_norms, centroids[:, -1:])[..., 0])
+    offsets = torch.arange(restarts, device=x.device) * k
+    inertia, labels = _squared_distances(x, squared_norms, centroids).min(2)      # (N, R)
     for _ in range(iterations):
-        labels = squared_distances(centroids).argmin(2)                             # (R, N)
-        flat = (labels + offsets).reshape(-1)
-        sums = torch.zeros(restarts * k, x.shape[1], device=x.device).index_add_(0, flat, x.repeat(restarts, 1))
-        counts = torch.bincount(flat, minlength=restarts * k).to(x.dtype)[:, None]
-        updated = torch.where(counts > 0, sums / counts.clamp_min(1), centroids.reshape(-1, x.shape[1]))
-        updated = updated.reshape(restarts, k, -1)
-        converged = torch.allclose(updated, centroids)
-        centroids = updated
+        # cluster sums as one matmul with the (N, R*k) membership matrix (index_add_ over the points is
+        # several times slower on the CPU)
+        members = torch.zeros(len(x), restarts * k, device=x.device).scatter_(1, labels + offsets, 1.0)
+        sums = (members.T @ x).view(restarts, k, dim)
+        counts = torch.bincount((labels + offsets).reshape(-1), minlength=restarts * k).view(restarts, k, 1)
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)  # empty: keep the centre
+        inertia, updated = _squared_distances(x, squared_norms, centroids).min(2)
+        converged = torch.equal(updated, labels)
+        labels = updated
         if converged:
             break
-    inertia, labels = squared_distances(centroids).min(2)
-    best = int(inertia.sum(1).argmin())
-    return labels[best], centroids[best]
+    best = int(inertia.sum(0).argmin())
+    return labels[:, best], centroids[best]
 
 
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_gt: int, num_pred: int) -> np.ndarray:
