@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from eval import clustering, davis_metrics, discovery, knn_linear, label_prop, visualize
@@ -66,8 +65,8 @@ def run_labelprop(args, backbone, device) -> dict:
 
 def run_clusters(args, backbone, device) -> dict:
     """TimeT's protocol: frames resized (short side) and centre-cropped to --size, patch features
-    standardised + PCA-projected (at patch level; both are affine so they commute with the bilinear
-    upsampling), upsampled to --eval-size, k-means per unit, matched, mIoU averaged over units."""
+    standardised + PCA-projected, upsampled to --eval-size, k-means per unit (fitted on --fit-points
+    pixels, every pixel assigned), matched, mIoU averaged over units (clustering.cluster_feature_maps)."""
     stride = feature_stride(backbone)
     if args.size % stride:
         raise SystemExit(f"error: --size {args.size} is not a multiple of the backbone's patch size {stride}; "
@@ -88,14 +87,11 @@ def run_clusters(args, backbone, device) -> dict:
         units = [([f for u in units for f in u[0]], [m for u in units for m in u[1]])]
     results = []
     for feats, masks in units:
-        stack = torch.stack(feats)                                               # (T, D, h, w)
-        frames, dim, h, w = stack.shape
-        projected = clustering.standardise_and_project(stack.permute(0, 2, 3, 1).reshape(-1, dim), args.pca_dims)
-        projected = projected.reshape(frames, h, w, -1).permute(0, 3, 1, 2)
-        dense = F.interpolate(projected, size=(args.eval_size,) * 2, mode="bilinear", align_corners=False)
-        points = dense.permute(0, 2, 3, 1).reshape(-1, projected.shape[1])
-        results.append(clustering.cluster_miou(points, np.stack(masks), k=args.k,
-                                               overclustering=args.overcluster, pca_dims=0, seed=args.seed))
+        gt = np.stack(masks)
+        k = args.k or len(clustering.gt_classes(gt))
+        labels = clustering.cluster_feature_maps(torch.stack(feats), args.eval_size, k, args.pca_dims,
+                                                 args.fit_points, args.seed)
+        results.append(clustering.cluster_miou(labels.cpu().numpy(), gt, k, args.overcluster))
     table = {"mIoU": float(np.mean([r["miou"] for r in results])), "units": len(results),
              "granularity": args.granularity, "matching": results[0]["matching"]}
     print(davis_metrics.format_table([table], ("mIoU", "units", "granularity", "matching")))
@@ -204,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, help="clusters (default: GT classes present in the unit)")
     p.add_argument("--overcluster", action="store_true", help="many-to-one precision matching (use with --k > classes)")
     p.add_argument("--pca-dims", type=int, default=50, help="PCA dimensions before k-means")
+    p.add_argument("--fit-points", type=int, default=50_000,
+                   help="upsampled pixels per unit (spread over its frames, drawn with --seed) that k-means is "
+                        "fitted on; every pixel then gets its nearest centroid. 0: fit on every pixel (slow)")
     p.add_argument("--layer", type=int, default=1, help="ViT block counted from the end")
     p.add_argument("--batch", type=int, default=16, help="frames per forward")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
