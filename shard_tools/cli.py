@@ -37,8 +37,17 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            self.error(self.unrecognized(extras))
+            chosen = self.chosen_command(parsed)
+            chosen.error(chosen.unrecognized(extras))
         return parsed
+
+    def chosen_command(self, parsed: argparse.Namespace) -> ArgumentParser:
+        """The parser of the sub-command given on the command line (its options are the ones to suggest
+        and its --help the one to point at), or this parser when it has none."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+                return action.choices[getattr(parsed, action.dest)]
+        return self
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")

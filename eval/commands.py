@@ -1,0 +1,144 @@
+"""The evaluation commands of eval/run.py, each ``run_<command>(args, backbone, device)`` -> the result
+written to ``<out>/<command>.json``. Imported by eval/run.py only once the command line has been checked,
+since importing torch takes seconds."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eval import clustering, davis_metrics, discovery, knn_linear, label_prop, visualize
+from eval.davis_io import open_sequences, read_mask, write_mask
+from eval.features import dense_feature_fn, feature_stride, global_descriptor
+from eval.propagation_config import PRESETS, config_from_args
+
+
+def _batched(fn, items: np.ndarray, batch: int, device: torch.device) -> torch.Tensor:
+    return torch.cat([fn(torch.from_numpy(items[i:i + batch]).to(device)) for i in range(0, len(items), batch)])
+
+
+def run_labelprop(args, backbone, device) -> dict:
+    cfg = config_from_args(args)
+    sequences = open_sequences(args.data, subset=args.set)
+    timing = label_prop.propagate_sequences(sequences, dense_feature_fn(backbone, args.layer, upsample=cfg.upsample),
+                                            feature_stride(backbone), cfg, args.out, device, args.batch)
+    result = {"protocol": args.protocol, "config": asdict(cfg), "timing": timing}
+    if args.visualize:
+        for sequence in sequences:
+            frames = [sequence.frame(i) for i in range(len(sequence.frames))]
+            masks = [read_mask(Path(args.out) / sequence.name / f"{stem}.png") for stem in sequence.frame_stems]
+            visualize.save_png(Path(args.out) / "vis" / f"{sequence.name}.png", visualize.overlay_strip(frames, masks))
+            visualize.save_gif(Path(args.out) / "vis" / f"{sequence.name}.gif", frames, masks)
+    print(f"{timing['frames']} frames at {timing['frames_per_second']:.2f} frames/s (protocol {args.protocol})")
+    if args.no_score:
+        return result
+    scores = davis_metrics.evaluate_sequences(sequences, args.out)
+    davis_metrics.write_csvs(scores, args.out, args.set)
+    result.update(scores=davis_metrics.global_table(scores), per_object=davis_metrics.per_object_table(scores))
+    print(davis_metrics.format_table([result["scores"]], davis_metrics.GLOBAL_COLUMNS))
+    return result
+
+
+def run_clusters(args, backbone, device) -> dict:
+    """TimeT's protocol: frames resized (short side) and centre-cropped to --size, patch features
+    standardised + PCA-projected, upsampled to --eval-size, k-means per unit (fitted on --fit-points
+    pixels, every pixel assigned), matched, mIoU averaged over units (clustering.cluster_feature_maps)."""
+    stride = feature_stride(backbone)
+    if args.size % stride:
+        raise SystemExit(f"error: --size {args.size} is not a multiple of the backbone's patch size {stride}; "
+                         f"use {args.size // stride * stride} or {(args.size // stride + 1) * stride}")
+    feature_fn = dense_feature_fn(backbone, args.layer)
+    units: list[tuple[list[torch.Tensor], list[np.ndarray]]] = []
+    for sequence in open_sequences(args.data, subset=args.set):
+        annotated = [i for i, stem in enumerate(sequence.frame_stems) if stem in sequence.masks]
+        step = {"frame": 1, "clip": args.clip_frames, "dataset": len(annotated)}[args.granularity]
+        for start in range(0, len(annotated), step):
+            picks = annotated[start:start + step]
+            images = knn_linear.center_crop_frames(np.stack([sequence.frame(i) for i in picks]), args.size, args.size)
+            masks = knn_linear.center_crop_frames(np.stack([sequence.mask(sequence.frame_stems[i]) for i in picks]),
+                                                  args.eval_size, args.eval_size, Image.NEAREST)
+            feats = _batched(feature_fn, images, args.batch, device)
+            units.append((list(feats), list(masks)))
+    if args.granularity == "dataset":
+        units = [([f for u in units for f in u[0]], [m for u in units for m in u[1]])]
+    results = []
+    for feats, masks in units:
+        gt = np.stack(masks)
+        k = args.k or len(clustering.gt_classes(gt))
+        labels = clustering.cluster_feature_maps(torch.stack(feats), args.eval_size, k, args.pca_dims,
+                                                 args.fit_points, args.seed)
+        results.append(clustering.cluster_miou(labels.cpu().numpy(), gt, k, args.overcluster))
+    table = {"mIoU": float(np.mean([r["miou"] for r in results])), "units": len(results),
+             "granularity": args.granularity, "matching": results[0]["matching"]}
+    print(davis_metrics.format_table([table], ("mIoU", "units", "granularity", "matching")))
+    return {"scores": table, "per_unit": [r["miou"] for r in results]}
+
+
+def _descriptors(args, backbone, device, data: str) -> tuple[torch.Tensor, np.ndarray, list[str], dict]:
+    images, labels, keys, report = knn_linear.labelled_frames(data, args.frames_per_sample)
+    fn = lambda x: global_descriptor(backbone, x, args.n_last_blocks, args.avgpool)  # noqa: E731
+    return _batched(fn, images, args.batch, device), labels, keys, report
+
+
+def _train_test(args, backbone, device):
+    feats, labels, keys, report = _descriptors(args, backbone, device, args.data)
+    if args.val_data:
+        test_feats, test_labels, _, test_report = _descriptors(args, backbone, device, args.val_data)
+        report = {"train": report, "val": test_report}
+        train_feats, train_labels = feats, labels
+    else:
+        held_out = knn_linear.split_by_sample(keys, labels, every=args.holdout_every)
+        train_feats, train_labels = feats[torch.from_numpy(~held_out)], labels[~held_out]
+        test_feats, test_labels = feats[torch.from_numpy(held_out)], labels[held_out]
+        report["split"] = f"every {args.holdout_every}th sample of each class held out"
+    num_classes = int(max(labels.max(), test_labels.max())) + 1
+    return (train_feats, torch.from_numpy(train_labels).to(device), test_feats,
+            torch.from_numpy(test_labels).to(device), num_classes, report)
+
+
+def run_knn(args, backbone, device) -> dict:
+    train, train_labels, test, test_labels, num_classes, report = _train_test(args, backbone, device)
+    scores = knn_linear.knn_scores(train, train_labels, test, num_classes, args.k, args.temperature)
+    table = {**knn_linear.topk_accuracy(scores, test_labels), "train": len(train), "test": len(test),
+             "k": args.k, "T": args.temperature}
+    print(davis_metrics.format_table([table], tuple(table)))
+    return {"scores": table, "data": report}
+
+
+def run_linear(args, backbone, device) -> dict:
+    train, train_labels, test, test_labels, num_classes, report = _train_test(args, backbone, device)
+    head = knn_linear.train_linear_probe(train, train_labels, num_classes, args.epochs, args.batch_size,
+                                         args.lr, args.seed)
+    with torch.no_grad():
+        table = {**knn_linear.topk_accuracy(head(test), test_labels), "train": len(train), "test": len(test),
+                 "epochs": args.epochs}
+    print(davis_metrics.format_table([table], tuple(table)))
+    return {"scores": table, "data": report}
+
+
+def run_discovery(args, backbone, device) -> dict:
+    feature_fn = dense_feature_fn(backbone, args.layer)
+    stride = feature_stride(backbone)
+    sequences = open_sequences(args.data, subset=args.set, task="unsupervised")
+    preset = PRESETS["crw"]  # native size, floored to a multiple of the stride
+    for sequence in sequences:
+        first = sequence.mask(sequence.frame_stems[0])
+        net_size = label_prop.network_size(*first.shape, preset, stride)
+        feats = list(label_prop.sequence_features(sequence, feature_fn, net_size, args.batch, device))
+        proposals = discovery.proposals_from_features(feats, args.proposals, first.shape, seed=args.seed)
+        for stem, proposal in zip(sequence.frame_stems, proposals):
+            write_mask(Path(args.out) / sequence.name / f"{stem}.png", proposal)
+    scores = discovery.evaluate_discovery(sequences, args.out, lenient_per_frame=args.lenient_per_frame)
+    table = davis_metrics.global_table(scores)
+    protocol = ("LENIENT per-frame matching (SMTC code; not comparable with official numbers)"
+                if args.lenient_per_frame else "official: one matching per sequence, <= 20 proposals")
+    print(davis_metrics.format_table([table], davis_metrics.GLOBAL_COLUMNS))
+    print(f"protocol: {protocol}")
+    return {"protocol": protocol, "scores": table, "per_object": davis_metrics.per_object_table(scores)}
+
+
+COMMANDS = {"labelprop": run_labelprop, "clusters": run_clusters, "knn": run_knn, "linear": run_linear,
+            "discovery": run_discovery}
