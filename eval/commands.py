@@ -1,6 +1,6 @@
-"""The evaluation commands of eval/run.py, each ``run_<command>(args, backbone, device)`` -> the result
-written to ``<out>/<command>.json``. Imported by eval/run.py only once the command line has been checked,
-since importing torch takes seconds."""
+"""The evaluation commands of eval/run.py, each ``run_<command>(args, backbone, device)`` -> (the result
+written to ``<out>/<command>.json``, the headline of the summary line). Imported by eval/run.py only once
+the command line has been checked, since importing torch takes seconds."""
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -14,35 +14,42 @@ from eval import clustering, davis_metrics, discovery, knn_linear, label_prop, v
 from eval.davis_io import open_sequences, read_mask, write_mask
 from eval.features import dense_feature_fn, feature_stride, global_descriptor
 from eval.propagation_config import PRESETS, config_from_args
+from shard_tools.cli import progress
 
 
-def _batched(fn, items: np.ndarray, batch: int, device: torch.device) -> torch.Tensor:
-    return torch.cat([fn(torch.from_numpy(items[i:i + batch]).to(device)) for i in range(0, len(items), batch)])
+def _batched(fn, items: np.ndarray, batch: int, device: torch.device, desc: str | None = None) -> torch.Tensor:
+    """``fn`` over ``items``, ``batch`` at a time, concatenated; with ``desc``, a progress bar over the batches."""
+    starts = range(0, len(items), batch)
+    if desc:
+        starts = progress(starts, desc=desc, unit="batch")
+    return torch.cat([fn(torch.from_numpy(items[i:i + batch]).to(device)) for i in starts])
 
 
-def run_labelprop(args, backbone, device) -> dict:
+def run_labelprop(args, backbone, device) -> tuple[dict, str]:
     cfg = config_from_args(args)
     sequences = open_sequences(args.data, subset=args.set)
-    timing = label_prop.propagate_sequences(sequences, dense_feature_fn(backbone, args.layer, upsample=cfg.upsample),
+    timing = label_prop.propagate_sequences(progress(sequences, desc="labelprop", unit="seq"),
+                                            dense_feature_fn(backbone, args.layer, upsample=cfg.upsample),
                                             feature_stride(backbone), cfg, args.out, device, args.batch)
     result = {"protocol": args.protocol, "config": asdict(cfg), "timing": timing}
     if args.visualize:
-        for sequence in sequences:
+        for sequence in progress(sequences, desc="visualize", unit="seq"):
             frames = [sequence.frame(i) for i in range(len(sequence.frames))]
             masks = [read_mask(Path(args.out) / sequence.name / f"{stem}.png") for stem in sequence.frame_stems]
             visualize.save_png(Path(args.out) / "vis" / f"{sequence.name}.png", visualize.overlay_strip(frames, masks))
             visualize.save_gif(Path(args.out) / "vis" / f"{sequence.name}.gif", frames, masks)
     print(f"{timing['frames']} frames at {timing['frames_per_second']:.2f} frames/s (protocol {args.protocol})")
+    done = f"{len(sequences)} sequences, {timing['frames']} frames"
     if args.no_score:
-        return result
-    scores = davis_metrics.evaluate_sequences(sequences, args.out)
+        return result, f"{done}, masks only (--no-score)"
+    scores = davis_metrics.evaluate_sequences(progress(sequences, desc="J&F", unit="seq"), args.out)
     davis_metrics.write_csvs(scores, args.out, args.set)
     result.update(scores=davis_metrics.global_table(scores), per_object=davis_metrics.per_object_table(scores))
     print(davis_metrics.format_table([result["scores"]], davis_metrics.GLOBAL_COLUMNS))
-    return result
+    return result, f"{done}, J&F-Mean {result['scores']['J&F-Mean']:.3f}"
 
 
-def run_clusters(args, backbone, device) -> dict:
+def run_clusters(args, backbone, device) -> tuple[dict, str]:
     """TimeT's protocol: frames resized (short side) and centre-cropped to --size, patch features
     standardised + PCA-projected, upsampled to --eval-size, k-means per unit (fitted on --fit-points
     pixels, every pixel assigned), matched, mIoU averaged over units (clustering.cluster_feature_maps)."""
@@ -52,7 +59,7 @@ def run_clusters(args, backbone, device) -> dict:
                          f"use {args.size // stride * stride} or {(args.size // stride + 1) * stride}")
     feature_fn = dense_feature_fn(backbone, args.layer)
     units: list[tuple[list[torch.Tensor], list[np.ndarray]]] = []
-    for sequence in open_sequences(args.data, subset=args.set):
+    for sequence in progress(open_sequences(args.data, subset=args.set), desc="features", unit="seq"):
         annotated = [i for i, stem in enumerate(sequence.frame_stems) if stem in sequence.masks]
         step = {"frame": 1, "clip": args.clip_frames, "dataset": len(annotated)}[args.granularity]
         for start in range(0, len(annotated), step):
@@ -65,7 +72,7 @@ def run_clusters(args, backbone, device) -> dict:
     if args.granularity == "dataset":
         units = [([f for u in units for f in u[0]], [m for u in units for m in u[1]])]
     results = []
-    for feats, masks in units:
+    for feats, masks in progress(units, desc="k-means", unit="unit"):
         gt = np.stack(masks)
         k = args.k or len(clustering.gt_classes(gt))
         labels = clustering.cluster_feature_maps(torch.stack(feats), args.eval_size, k, args.pca_dims,
@@ -74,13 +81,13 @@ def run_clusters(args, backbone, device) -> dict:
     table = {"mIoU": float(np.mean([r["miou"] for r in results])), "units": len(results),
              "granularity": args.granularity, "matching": results[0]["matching"]}
     print(davis_metrics.format_table([table], ("mIoU", "units", "granularity", "matching")))
-    return {"scores": table, "per_unit": [r["miou"] for r in results]}
+    return {"scores": table, "per_unit": [r["miou"] for r in results]}, f"{len(results)} units, mIoU {table['mIoU']:.3f}"
 
 
 def _descriptors(args, backbone, device, data: str) -> tuple[torch.Tensor, np.ndarray, list[str], dict]:
     images, labels, keys, report = knn_linear.labelled_frames(data, args.frames_per_sample)
     fn = lambda x: global_descriptor(backbone, x, args.n_last_blocks, args.avgpool)  # noqa: E731
-    return _batched(fn, images, args.batch, device), labels, keys, report
+    return _batched(fn, images, args.batch, device, desc="descriptors"), labels, keys, report
 
 
 def _train_test(args, backbone, device):
@@ -99,16 +106,16 @@ def _train_test(args, backbone, device):
             torch.from_numpy(test_labels).to(device), num_classes, report)
 
 
-def run_knn(args, backbone, device) -> dict:
+def run_knn(args, backbone, device) -> tuple[dict, str]:
     train, train_labels, test, test_labels, num_classes, report = _train_test(args, backbone, device)
     scores = knn_linear.knn_scores(train, train_labels, test, num_classes, args.k, args.temperature)
     table = {**knn_linear.topk_accuracy(scores, test_labels), "train": len(train), "test": len(test),
              "k": args.k, "T": args.temperature}
     print(davis_metrics.format_table([table], tuple(table)))
-    return {"scores": table, "data": report}
+    return {"scores": table, "data": report}, f"{len(test)} test images, top-1 {table['top1']:.1f} %"
 
 
-def run_linear(args, backbone, device) -> dict:
+def run_linear(args, backbone, device) -> tuple[dict, str]:
     train, train_labels, test, test_labels, num_classes, report = _train_test(args, backbone, device)
     head = knn_linear.train_linear_probe(train, train_labels, num_classes, args.epochs, args.batch_size,
                                          args.lr, args.seed)
@@ -116,28 +123,30 @@ def run_linear(args, backbone, device) -> dict:
         table = {**knn_linear.topk_accuracy(head(test), test_labels), "train": len(train), "test": len(test),
                  "epochs": args.epochs}
     print(davis_metrics.format_table([table], tuple(table)))
-    return {"scores": table, "data": report}
+    return {"scores": table, "data": report}, f"{len(test)} test images, top-1 {table['top1']:.1f} %"
 
 
-def run_discovery(args, backbone, device) -> dict:
+def run_discovery(args, backbone, device) -> tuple[dict, str]:
     feature_fn = dense_feature_fn(backbone, args.layer)
     stride = feature_stride(backbone)
     sequences = open_sequences(args.data, subset=args.set, task="unsupervised")
     preset = PRESETS["crw"]  # native size, floored to a multiple of the stride
-    for sequence in sequences:
+    for sequence in progress(sequences, desc="discovery", unit="seq"):
         first = sequence.mask(sequence.frame_stems[0])
         net_size = label_prop.network_size(*first.shape, preset, stride)
         feats = list(label_prop.sequence_features(sequence, feature_fn, net_size, args.batch, device))
         proposals = discovery.proposals_from_features(feats, args.proposals, first.shape, seed=args.seed)
         for stem, proposal in zip(sequence.frame_stems, proposals):
             write_mask(Path(args.out) / sequence.name / f"{stem}.png", proposal)
-    scores = discovery.evaluate_discovery(sequences, args.out, lenient_per_frame=args.lenient_per_frame)
+    scores = discovery.evaluate_discovery(progress(sequences, desc="J&F", unit="seq"), args.out,
+                                          lenient_per_frame=args.lenient_per_frame)
     table = davis_metrics.global_table(scores)
     protocol = ("LENIENT per-frame matching (SMTC code; not comparable with official numbers)"
                 if args.lenient_per_frame else "official: one matching per sequence, <= 20 proposals")
     print(davis_metrics.format_table([table], davis_metrics.GLOBAL_COLUMNS))
     print(f"protocol: {protocol}")
-    return {"protocol": protocol, "scores": table, "per_object": davis_metrics.per_object_table(scores)}
+    return ({"protocol": protocol, "scores": table, "per_object": davis_metrics.per_object_table(scores)},
+            f"{len(sequences)} sequences, J&F-Mean {table['J&F-Mean']:.3f}")
 
 
 COMMANDS = {"labelprop": run_labelprop, "clusters": run_clusters, "knn": run_knn, "linear": run_linear,

@@ -261,7 +261,7 @@ def sequence_features(sequence: Sequence, feature_fn, net_size: tuple[int, int],
         yield from feature_fn(x)
 
 
-def propagate_sequences(sequences: list[Sequence], feature_fn, stride: int, cfg: PropagationConfig,
+def propagate_sequences(sequences: Iterable[Sequence], feature_fn, stride: int, cfg: PropagationConfig,
                         out_dir: str | Path, device: torch.device, batch: int = 8) -> dict:
     """Propagate every sequence and write palette PNGs in the DAVIS layout (frame 0 = its ground truth).
 
