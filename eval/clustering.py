@@ -91,8 +91,8 @@ def cluster_feature_maps(maps: torch.Tensor, size: int, k: int, pca_dims: int = 
     ``fit_points`` of those pixels (spread evenly over the frames, drawn with ``seed``; 0: every pixel)
     and every pixel is then given its nearest centroid. The upsampled pixels are blends of a few patch
     vectors: on the demo data, fitting on a sample moves the mIoU less than changing the k-means seed
-    does (docs/benchmarks.md, "Clustering"), and faiss, which TimeT calls, fits on at most 256 points
-    per centroid and assigns the rest the same way. One frame is upsampled at a time."""
+    does (docs/benchmarks.md, "Evaluation: clustering"), and faiss, which TimeT calls, fits on at most
+    256 points per centroid and assigns the rest the same way. One frame is upsampled at a time."""
     frames, dim, h, w = maps.shape
     projected = standardise_and_project(maps.permute(0, 2, 3, 1).reshape(-1, dim), pca_dims)
     projected = projected.reshape(frames, h, w, -1).permute(0, 3, 1, 2)

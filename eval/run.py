@@ -12,7 +12,7 @@
 DINO / DINOv2 / timm / CRW checkpoint (``--arch`` when the architecture cannot be inferred). Each command
 shows progress bars on a terminal, prints a table, writes ``<out>/<command>.json`` (``--out`` defaults to
 ``<run>/eval/<command>`` for a run directory and ``eval-<command>`` otherwise) and ends with one summary
-line, e.g. ``clusters: 32 units, mIoU 0.328, 41.0 s; wrote eval-clusters/clusters.json``.
+line, e.g. ``clusters: 32 units, mIoU 0.328, 36.4 s; wrote eval-clusters/clusters.json``.
 
 A bad command line is one ``error: ...`` line (exit status 2), decided before torch is imported.
 """
