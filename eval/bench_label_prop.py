@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from eval.label_prop import PRESETS, first_frame_labels, propagate_video
+from eval.label_prop import first_frame_labels, propagate_video
+from eval.propagation_config import PRESETS
 
 
 def synthetic_video(frames: int, grid: tuple[int, int], dim: int, size: tuple[int, int], seed: int = 0,

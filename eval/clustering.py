@@ -1,7 +1,8 @@
 """Unsupervised semantic segmentation by clustering patch features (TimeT / Leopart protocol).
 
-Patch features -> standardised per dimension -> PCA to 50 dims -> k-means (k-means++ init, best of
-several restarts) -> cluster map -> matched to the ground truth -> mIoU.
+Patch features -> standardised per dimension -> PCA to 50 dims -> bilinearly upsampled to the evaluation
+size -> k-means (k-means++ init, best of several restarts) fitted on a seeded sample of those pixels ->
+every pixel to its nearest centroid (the cluster map) -> matched to the ground truth -> mIoU.
 
 Matching (Leopart's ``PredsmIoU``):
 * ``hungarian`` (K = number of GT classes): one-to-one assignment maximising the summed IoU
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 IGNORE_LABEL = 255
@@ -29,43 +31,86 @@ def standardise_and_project(features: torch.Tensor, dims: int = 50) -> torch.Ten
     return (x @ vectors[:, -dims:].flip(1)).float()
 
 
+def _squared_distances(x: torch.Tensor, squared_norms: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(N, D) points (their (N, 1) squared norms) and (R, j, D) centroids -> (N, R, j) squared distances,
+    from one matmul over every restart's centroids (a broadcast batched matmul would copy x R times)."""
+    flat = centroids.reshape(-1, x.shape[1])
+    distances = torch.addmm(squared_norms + (flat * flat).sum(1), x, flat.T, alpha=-2).clamp_min_(0)
+    return distances.view(len(x), *centroids.shape[:2])
+
+
+def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """(N, D) points, (k, D) centroids -> (N,) index of each point's nearest centroid."""
+    x = x.float()
+    return _squared_distances(x, (x * x).sum(1, keepdim=True), centroids[None]).argmin(2)[:, 0]
+
+
 def kmeans(x: torch.Tensor, k: int, iterations: int = 50, restarts: int = 5, seed: int = 1
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means with k-means++ seeding, all restarts run together as one batch; the restart with
-    the lowest inertia wins. Returns (labels (N,), centroids (k, D)). Deterministic for a seed."""
+    """Lloyd's k-means with k-means++ seeding, all restarts run together as one batch, until no
+    assignment changes or ``iterations`` updates; the restart with the lowest inertia wins. Returns
+    (labels (N,), centroids (k, D)). Deterministic for a seed."""
     if k > len(x):
         raise ValueError(f"k-means with k={k} needs at least k points, got {len(x)}")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     x = x.float()
-    squared_norms = (x * x).sum(1)
-
-    def squared_distances(centroids: torch.Tensor) -> torch.Tensor:  # (R, k, D) -> (R, N, k)
-        return (squared_norms[None, :, None] - 2 * x[None] @ centroids.transpose(1, 2)
-                + (centroids * centroids).sum(2)[:, None, :]).clamp_min_(0)
+    dim = x.shape[1]
+    squared_norms = (x * x).sum(1, keepdim=True)
 
     picks = torch.randint(len(x), (restarts,), generator=generator).to(x.device)
     centroids = x[picks][:, None]                                                   # (R, 1, D)
-    nearest = squared_distances(centroids)[..., 0]                                  # (R, N)
+    nearest = _squared_distances(x, squared_norms, centroids)[..., 0]               # (N, R)
     for _ in range(1, k):  # k-means++: next centre drawn in proportion to the squared distance
-        weights = nearest.cpu().double() + 1e-30  # (+tiny: duplicate points must not zero every weight)
+        weights = nearest.T.cpu().double() + 1e-30  # (+tiny: duplicate points must not zero every weight)
         picks = torch.multinomial(weights, 1, generator=generator)[:, 0].to(x.device)
         centroids = torch.cat([centroids, x[picks][:, None]], dim=1)
-        nearest = torch.minimum(nearest, squared_distances(centroids[:, -1:])[..., 0])
-    offsets = (torch.arange(restarts, device=x.device) * k)[:, None]
+        nearest = torch.minimum(nearest, _squared_distances(x, squared_norms, centroids[:, -1:])[..., 0])
+    offsets = torch.arange(restarts, device=x.device) * k
+    inertia, labels = _squared_distances(x, squared_norms, centroids).min(2)      # (N, R)
     for _ in range(iterations):
-        labels = squared_distances(centroids).argmin(2)                             # (R, N)
-        flat = (labels + offsets).reshape(-1)
-        sums = torch.zeros(restarts * k, x.shape[1], device=x.device).index_add_(0, flat, x.repeat(restarts, 1))
-        counts = torch.bincount(flat, minlength=restarts * k).to(x.dtype)[:, None]
-        updated = torch.where(counts > 0, sums / counts.clamp_min(1), centroids.reshape(-1, x.shape[1]))
-        updated = updated.reshape(restarts, k, -1)
-        converged = torch.allclose(updated, centroids)
-        centroids = updated
+        # cluster sums as one matmul with the (N, R*k) membership matrix (index_add_ over the points is
+        # several times slower on the CPU)
+        members = torch.zeros(len(x), restarts * k, device=x.device).scatter_(1, labels + offsets, 1.0)
+        sums = (members.T @ x).view(restarts, k, dim)
+        counts = torch.bincount((labels + offsets).reshape(-1), minlength=restarts * k).view(restarts, k, 1)
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)  # empty: keep the centre
+        inertia, updated = _squared_distances(x, squared_norms, centroids).min(2)
+        converged = torch.equal(updated, labels)
+        labels = updated
         if converged:
             break
-    inertia, labels = squared_distances(centroids).min(2)
-    best = int(inertia.sum(1).argmin())
-    return labels[best], centroids[best]
+    best = int(inertia.sum(0).argmin())
+    return labels[:, best], centroids[best]
+
+
+def cluster_feature_maps(maps: torch.Tensor, size: int, k: int, pca_dims: int = 50,
+                         fit_points: int = 50_000, seed: int = 1) -> torch.Tensor:
+    """TimeT's clustering of one evaluation unit: (T, D, h, w) patch features -> (T, size, size) cluster
+    ids. Standardisation and PCA are fitted at patch level (both are affine, so they commute with the
+    bilinear upsampling), the projected maps are upsampled to ``size``, k-means is fitted on
+    ``fit_points`` of those pixels (spread evenly over the frames, drawn with ``seed``; 0: every pixel)
+    and every pixel is then given its nearest centroid. The upsampled pixels are blends of a few patch
+    vectors: on the demo data, fitting on a sample moves the mIoU less than changing the k-means seed
+    does (docs/benchmarks.md, "Evaluation: clustering"), and faiss, which TimeT calls, fits on at most
+    256 points per centroid and assigns the rest the same way. One frame is upsampled at a time."""
+    frames, dim, h, w = maps.shape
+    projected = standardise_and_project(maps.permute(0, 2, 3, 1).reshape(-1, dim), pca_dims)
+    projected = projected.reshape(frames, h, w, -1).permute(0, 3, 1, 2)
+
+    def pixels(t: int) -> torch.Tensor:  # frame t's upsampled pixels, (size * size, pca_dims)
+        dense = F.interpolate(projected[t:t + 1], size=(size, size), mode="bilinear", align_corners=False)
+        return dense[0].flatten(1).T
+
+    per_frame = size * size
+    quota = -(-fit_points // frames) if fit_points else per_frame
+    if quota >= per_frame:
+        fit = torch.cat([pixels(t) for t in range(frames)])
+    else:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        fit = torch.cat([pixels(t)[torch.randperm(per_frame, generator=generator)[:quota].to(maps.device)]
+                         for t in range(frames)])
+    _, centroids = kmeans(fit, k, seed=seed)
+    return torch.stack([nearest_centroid(pixels(t), centroids) for t in range(frames)]).view(frames, size, size)
 
 
 def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_gt: int, num_pred: int) -> np.ndarray:
@@ -112,21 +157,22 @@ def miou(confusion: np.ndarray, mapping: np.ndarray | None = None) -> tuple[floa
     return float(np.nanmean(per_class)), per_class
 
 
-def cluster_miou(features: torch.Tensor, gt: np.ndarray, k: int | None = None, overclustering: bool = False,
-                 pca_dims: int = 50, seed: int = 1) -> dict:
-    """One evaluation unit (a frame, a clip or a dataset): per-pixel features (N, D) and labels (N,).
-    ``k`` defaults to the number of GT classes present; ``overclustering`` uses many-to-one matching;
-    ``pca_dims=0`` skips standardisation + PCA (for features already projected)."""
-    gt = np.asarray(gt).ravel()
-    classes = np.unique(gt[gt != IGNORE_LABEL])
+def gt_classes(gt: np.ndarray) -> np.ndarray:
+    """The GT class ids present (sorted), void excluded."""
+    gt = np.asarray(gt)
+    return np.unique(gt[gt != IGNORE_LABEL])
+
+
+def cluster_miou(labels: np.ndarray, gt: np.ndarray, k: int, overclustering: bool = False) -> dict:
+    """Score one evaluation unit (a frame, a clip or a dataset): cluster ids 0..k-1 and GT labels of the
+    same pixels, matched one-to-one (Hungarian) or, with ``overclustering``, many-to-one."""
+    gt, labels = np.asarray(gt).ravel(), np.asarray(labels).ravel()
+    classes = gt_classes(gt)
     if len(classes) == 0:
         raise ValueError("the evaluation unit has no labelled pixel")
     dense_gt = np.full_like(gt, IGNORE_LABEL, dtype=np.int64)  # GT ids -> 0..C-1 (keeps void)
     dense_gt[gt != IGNORE_LABEL] = np.searchsorted(classes, gt[gt != IGNORE_LABEL])
-    k = k or len(classes)
-    points = standardise_and_project(features, pca_dims) if pca_dims else features.float()
-    labels, _ = kmeans(points, k, seed=seed)
-    confusion = confusion_matrix(dense_gt, labels.cpu().numpy(), len(classes), k)
+    confusion = confusion_matrix(dense_gt, labels, len(classes), k)
     mapping = many_to_one_match(confusion) if overclustering else hungarian_match(confusion)
     score, per_class = miou(confusion, mapping)
     return {"miou": score, "per_class_iou": dict(zip(classes.tolist(), per_class.tolist())), "k": k,

@@ -27,6 +27,7 @@ import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -236,7 +237,7 @@ def load_sequence_masks(sequence: Sequence, results_dir: Path, task: str) -> tup
     return gt, np.stack(preds), num_objects
 
 
-def evaluate_sequences(sequences: list[Sequence], results_dir: str | Path,
+def evaluate_sequences(sequences: Iterable[Sequence], results_dir: str | Path,
                        task: str = "semi-supervised") -> list[SequenceScores]:
     """Score sequences (from a DAVIS folder or evaluation shards) against a results folder."""
     scores = []

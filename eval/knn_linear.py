@@ -88,11 +88,14 @@ def labelled_frames(dataset_dir: str | Path, frames_per_sample: int = 1, resize:
     """Evenly spaced frames of every labelled sample in a shard folder, centre-cropped.
     Returns (images (N, crop, crop, 3) uint8, labels (N,), sample keys (N,), report). Unlabelled samples
     are skipped and counted in the report."""
+    from shard_tools.cli import progress
+    from shard_tools.manifest import load_manifest
     from shard_tools.reader import decode_frames, iter_samples, sample_meta
 
     images, labels, keys = [], [], []
     skipped = 0
-    for _, key, members in iter_samples(dataset_dir):
+    samples = load_manifest(dataset_dir)["samples"]
+    for _, key, members in progress(iter_samples(dataset_dir), desc="decode", unit="sample", total=samples):
         meta, _ = sample_meta(members)
         if meta.get("label") is None:
             skipped += 1

@@ -2,6 +2,8 @@
 
 A usage error is one line on stderr, ``error: ...``, naming the flag and the fix, with exit status 2;
 an unrecognised option gets the closest valid one ("did you mean --optim.lr?") instead of a usage dump.
+A long loop shows a progress bar on stderr when stderr is a terminal; a command that can take long
+ends with a one-line summary on stdout, which is what logs keep.
 """
 from __future__ import annotations
 
@@ -37,8 +39,17 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            self.error(self.unrecognized(extras))
+            chosen = self.chosen_command(parsed)
+            chosen.error(chosen.unrecognized(extras))
         return parsed
+
+    def chosen_command(self, parsed: argparse.Namespace) -> ArgumentParser:
+        """The parser of the sub-command given on the command line (its options are the ones to suggest
+        and its --help the one to point at), or this parser when it has none."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+                return action.choices[getattr(parsed, action.dest)]
+        return self
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
@@ -48,3 +59,10 @@ def fail(message: str) -> int:
     """Print the one-line ``error: ...`` and return the usage exit status (``return fail(...)``)."""
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USAGE
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar on stderr, drawn only when stderr is a terminal and erased when done."""
+    from tqdm import tqdm  # imported on first use: parsing a command line does not need it
+
+    return tqdm(iterable, **{"disable": None, "leave": False, "dynamic_ncols": True, **kwargs})

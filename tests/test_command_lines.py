@@ -1,5 +1,5 @@
 """The entry points' front door: a bad call is one `error: ...` line, exit status 2, nothing written,
-and train/run.py decides it before importing torch; --help shows the defaults that apply."""
+and train/run.py, eval/run.py and pack.py decide it before importing torch; --help shows the defaults that apply."""
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +72,32 @@ def test_eval_on_an_empty_data_folder_names_data_not_davis(tmp_path):
                 "--out", tmp_path / "ev", cwd=tmp_path)
     assert_one_line_usage_error(proc, f"--data {tmp_path / 'empty'}: neither evaluation shards", "--kind frames")
     assert "--davis" not in proc.stderr and not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("case", ["no such data", "no --ckpt", "no such ckpt", "typo", "not labelled shards",
+                                  "no --data", "negative --fit-points"])
+def test_eval_usage_errors_are_one_line_before_torch_and_leave_nothing(case, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()  # an existing --ckpt folder: a good call would write <run>/eval/<command>/
+    missing = tmp_path / "missing"
+    args, expected = {
+        "no such data": (["labelprop", "--ckpt", run, "--data", missing],
+                         [f"--data {missing}: neither evaluation shards"]),
+        "no --ckpt": (["labelprop", "--data", missing], ["--ckpt is required"]),
+        "no such ckpt": (["clusters", "--ckpt", missing, "--data", tmp_path], [f"--ckpt {missing}: no such file"]),
+        "typo": (["clusters", "--ckpt", run, "--data", tmp_path, "--fit-point", "5"],
+                 ["--fit-point 5; did you mean --fit-points?", "eval/run.py clusters --help"]),
+        "not labelled shards": (["knn", "--ckpt", run, "--data", tmp_path], [f"--data {tmp_path}: no manifest.json"]),
+        "no --data": (["discovery", "--ckpt", run], ["required: --data"]),
+        "negative --fit-points": (["clusters", "--ckpt", run, "--data", tmp_path, "--fit-points", "-1"],
+                                  ["--fit-points -1"]),
+    }[case]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()  # a good call without --out and a file --ckpt would write ./eval-<command>/ here
+    proc = call("eval/run.py", *args, cwd=cwd)
+    assert_one_line_usage_error(proc, *expected)
+    assert proc.stdout.strip() == "torch not imported"
+    assert not any(cwd.iterdir()) and not any(run.iterdir())
 
 
 def test_pack_bad_source_is_one_line(tmp_path):

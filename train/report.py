@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw
 from eval import visualize
 from eval.davis_io import open_sequences, read_mask
 from eval.features import dense_feature_fn, load_backbone
-from eval.label_prop import PRESETS, network_size, sequence_features
+from eval.label_prop import network_size, sequence_features
+from eval.propagation_config import PRESETS
 from train.learning import markdown_table
 
 CURVE_SIZE = (480, 240)

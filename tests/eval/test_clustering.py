@@ -48,17 +48,46 @@ def separable_image(classes=3, size=24, dim=16, seed=0):
 
 def test_separable_features_give_miou_one():
     features, gt = separable_image()
-    result = cl.cluster_miou(features, gt * 3)  # ids 0, 3, 6: arbitrary GT ids
+    labels, _ = cl.kmeans(features, 3)
+    result = cl.cluster_miou(labels.numpy(), gt * 3, k=3)  # ids 0, 3, 6: arbitrary GT ids
     assert result["k"] == 3
     assert result["miou"] == pytest.approx(1.0)
 
 
 def test_overclustering_many_to_one_gives_miou_one():
     features, gt = separable_image(classes=2)
-    result = cl.cluster_miou(features, gt, k=6, overclustering=True)
-    assert result["miou"] == pytest.approx(1.0)
+    labels = cl.kmeans(features, 6)[0].numpy()
+    assert cl.cluster_miou(labels, gt, k=6, overclustering=True)["miou"] == pytest.approx(1.0)
     # with a one-to-one matching, the extra clusters are wrong (mapped to background)
-    assert cl.cluster_miou(features, gt, k=6)["miou"] < 1.0
+    assert cl.cluster_miou(labels, gt, k=6)["miou"] < 1.0
+
+
+def two_region_maps(frames=3, dim=8, grid=6, seed=0):
+    """(T, D, h, w) patch features: the left and right halves of every frame have distinct means."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(2, dim, generator=generator) * 5
+    side = (torch.arange(grid) >= grid // 2).long().expand(grid, grid)        # 0 left, 1 right
+    maps = means[side].permute(2, 0, 1).expand(frames, -1, -1, -1)
+    return maps + 0.05 * torch.randn(frames, dim, grid, grid, generator=generator), side
+
+
+def test_cluster_feature_maps_with_every_pixel_is_kmeans_of_the_upsampled_projection():
+    maps, _ = two_region_maps()
+    labels = cl.cluster_feature_maps(maps, 12, k=2, pca_dims=4, fit_points=0, seed=3)
+    projected = cl.standardise_and_project(maps.permute(0, 2, 3, 1).reshape(-1, 8), 4)
+    dense = torch.nn.functional.interpolate(projected.reshape(3, 6, 6, 4).permute(0, 3, 1, 2), size=(12, 12),
+                                            mode="bilinear", align_corners=False)
+    expected, _ = cl.kmeans(dense.permute(0, 2, 3, 1).reshape(-1, 4), 2, seed=3)
+    assert labels.shape == (3, 12, 12)
+    assert torch.equal(labels.reshape(-1), expected)
+
+
+def test_cluster_feature_maps_fitted_on_a_sample_is_seeded_and_labels_every_pixel():
+    maps, side = two_region_maps()
+    gt = np.repeat(side.numpy(), 4, axis=1).repeat(4, axis=0)[None].repeat(3, axis=0)   # (3, 24, 24)
+    sampled = cl.cluster_feature_maps(maps, 24, k=2, pca_dims=4, fit_points=60, seed=1)  # 20 of 576 per frame
+    assert torch.equal(sampled, cl.cluster_feature_maps(maps, 24, k=2, pca_dims=4, fit_points=60, seed=1))
+    assert cl.cluster_miou(sampled.numpy(), gt, k=2)["miou"] == pytest.approx(1.0)
 
 
 def test_many_to_one_uses_precision():

@@ -42,10 +42,13 @@ def test_labelprop_on_folder_and_shards_agree(run_dir, davis_dir, eval_shards, t
     assert (tmp_path / "a" / "vis" / "synth00.gif").is_file()
 
 
-def test_clusters_frame_and_overclustering(run_dir, davis_dir, tmp_path):
+def test_clusters_frame_and_overclustering(run_dir, davis_dir, tmp_path, capsys):
     result = run_eval("clusters", "--ckpt", run_dir, "--data", davis_dir, "--granularity", "clip",
                       "--clip-frames", "8", "--size", "64", "--eval-size", "32", "--out", tmp_path, "--device", "cpu")
     assert result["scores"]["units"] == 8 and 0.0 < result["scores"]["mIoU"] <= 1.0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]  # the table above it, the progress bars on stderr
+    assert summary == (f"clusters: 8 units, mIoU {result['scores']['mIoU']:.3f}, {result['seconds']:.1f} s; "
+                       f"wrote {tmp_path / 'clusters.json'}")
     over = run_eval("clusters", "--ckpt", run_dir, "--data", davis_dir, "--granularity", "dataset", "--k", "12",
                     "--overcluster", "--size", "64", "--eval-size", "16", "--out", tmp_path, "--device", "cpu")
     assert over["scores"]["units"] == 1 and over["scores"]["matching"].startswith("many-to-one")

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from eval.bench_label_prop import dino_style_propagation, synthetic_video
 from eval.davis_metrics import evaluate_folder, global_table, region_similarity
 from eval.davis_io import DavisFolder
-from eval.label_prop import (PRESETS, Propagator, _top_candidates, first_frame_labels, network_size,
-                             propagate_sequences, propagate_video)
+from eval.label_prop import (Propagator, _top_candidates, first_frame_labels, network_size, propagate_sequences,
+                             propagate_video)
+from eval.propagation_config import PRESETS
 
 
 def dense_reference(features, first_labels, cfg):
