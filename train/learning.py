@@ -71,7 +71,7 @@ SETTINGS: dict[str, dict[str, Setting]] = {
                        "crw", 480),
     },
     "dino": {
-        "cpu": Setting(100, ("--model.arch", "vit_tiny_patch16", "--model.drop_path", "0", "--data.batch_size", "8",
+        "cpu": Setting(400, ("--model.arch", "vit_tiny_patch16", "--model.drop_path", "0", "--data.batch_size", "8",
                              "--optim.lr_scaling", "none", "--optim.lr", "5e-4", "--optim.warmup_epochs", "1",
                              "--dino.global_size", "64", "--dino.local_size", "32", "--dino.local_crops", "2",
                              "--dino.out_dim", "256", "--dino.head_hidden_dim", "64",
