@@ -33,7 +33,7 @@ $(VENV)/.densevid-installed: pyproject.toml
 # skips those for a quick check. Exit 5 (no test collected) fails like any other failure.
 PYTEST_ARGS ?=
 test: $(ENV)
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS) tests
+	$(PYTHON) -m pytest -q --durations=10 $(PYTEST_ARGS) tests
 
 # Does training help? On the embedded synthetic data: render training videos and held-out DAVIS-layout
 # sequences (another seed), pack, train each of DEMO_METHODS for the CPU budget, score label propagation

@@ -51,9 +51,12 @@ def same_tensors(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("method", sorted(OBJECTIVES))
-def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path):
+def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path, capsys):
     out = tmp_path / "run"
     assert run.main(argv(method, jpeg_shards, out, 2, "--report")) == 0
+    # stderr is not a terminal under pytest: no progress bar, so each logged step prints a line instead
+    printed = capsys.readouterr().out
+    assert "step 1/2 | loss " in printed and "step 2/2 | loss " in printed
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
