@@ -10,10 +10,22 @@ from collections.abc import Callable
 
 from torch import nn
 
-from models.resnet import resnet18_crw, resnet18_crw_w16
 from models.vit import VIT_SIZES, vit, vit_dinov2
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"resnet18_crw": resnet18_crw, "resnet18_crw_w16": resnet18_crw_w16}
+
+def _crw_resnet(builder: str) -> Callable[..., nn.Module]:
+    """models.resnet's ``builder``, imported on first use: models.resnet imports torchvision, whose import
+    pulls in torch._dynamo (~3 s per process) that no ViT run or evaluation needs."""
+
+    def build_resnet(**kwargs) -> nn.Module:
+        from models import resnet
+
+        return getattr(resnet, builder)(**kwargs)
+
+    return build_resnet
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {name: _crw_resnet(name) for name in ("resnet18_crw", "resnet18_crw_w16")}
 for _size in VIT_SIZES:
     for _patch in (8, 16):
         MODELS[f"vit_{_size}_patch{_patch}"] = functools.partial(vit, _size, _patch)
