@@ -101,3 +101,12 @@ def eval_shards(tmp_path_factory, davis_dir):
     """`--kind frames` of `davis_dir`: 2 evaluation samples holding the original JPEG bytes
     (f000.jpg…f031.jpg) and palette PNG masks (m000.png…m031.png), json `frames`/`masks` names."""
     return _pack(tmp_path_factory, "eval", "--kind", "frames", "--src", str(davis_dir))
+
+
+@pytest.fixture
+def float64():
+    """torch's default dtype is float64 for the test (reference-parity checks), restored after it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)

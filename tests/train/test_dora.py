@@ -116,14 +116,6 @@ class ReferenceDINOLoss:
         return total_loss
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 # --- discovery, tracking, masking ---------------------------------------------------------------------
 
 def test_discovery_on_a_hand_built_attention_map():

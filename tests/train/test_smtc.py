@@ -191,31 +191,27 @@ def test_losses_equal_the_reference_transcription(loss_inputs):
     torch.testing.assert_close(o_s.grad, o_r.grad, rtol=1e-5, atol=1e-12)
 
 
-def test_slot_attention_and_correlation_equal_the_reference_transcription():
-    torch.set_default_dtype(torch.float64)
-    try:
-        torch.manual_seed(0)
-        sa = SlotAttention(num_slots=16, dim=384, num_instances=4, iters=3, hidden_dim=384)
-        inputs = torch.randn(8, 64, 384)
-        init = torch.normal(sa.slots_mu.expand(8, -1, 4, -1), sa.slots_sigma.exp().expand(8, -1, 4, -1)).detach()
-        ours = sa(inputs.requires_grad_(), instance_init=init)
-        ref = ref_slot_attention(sa, inputs, init)
-        names = ("semantic_slots", "semantic_logits", "instance_slots", "instance_logits")
-        for name, value in zip(names, ref):
-            torch.testing.assert_close(ours[name], value, rtol=1e-10, atol=1e-10)
-        readout = torch.randn(384)
-        (g_ours,) = torch.autograd.grad((ours["semantic_slots"] @ readout).sum(), inputs)
-        (g_ref,) = torch.autograd.grad((ref[0] @ readout).sum(), inputs)
-        torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-10)  # truncated at iters - 2
+def test_slot_attention_and_correlation_equal_the_reference_transcription(float64):
+    torch.manual_seed(0)
+    sa = SlotAttention(num_slots=16, dim=384, num_instances=4, iters=3, hidden_dim=384)
+    inputs = torch.randn(8, 64, 384)
+    init = torch.normal(sa.slots_mu.expand(8, -1, 4, -1), sa.slots_sigma.exp().expand(8, -1, 4, -1)).detach()
+    ours = sa(inputs.requires_grad_(), instance_init=init)
+    ref = ref_slot_attention(sa, inputs, init)
+    names = ("semantic_slots", "semantic_logits", "instance_slots", "instance_logits")
+    for name, value in zip(names, ref):
+        torch.testing.assert_close(ours[name], value, rtol=1e-10, atol=1e-10)
+    readout = torch.randn(384)
+    (g_ours,) = torch.autograd.grad((ours["semantic_slots"] @ readout).sum(), inputs)
+    (g_ref,) = torch.autograd.grad((ref[0] @ readout).sum(), inputs)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-10)  # truncated at iters - 2
 
-        torch.manual_seed(1)
-        keys = torch.randn(2, 4, 384, 16)                                      # (b, t, c, n), grid 4 x 4
-        net = SMTCSlots(nn_encoder_stub(), (4, 4), sa, correlation_wrap=True)
-        ours = net.inject_correlation(keys.transpose(2, 3), (4, 4))
-        ref = ref_correlation(keys, net.transport_proj).transpose(2, 3)
-        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-8)
-    finally:
-        torch.set_default_dtype(torch.float32)
+    torch.manual_seed(1)
+    keys = torch.randn(2, 4, 384, 16)                                      # (b, t, c, n), grid 4 x 4
+    net = SMTCSlots(nn_encoder_stub(), (4, 4), sa, correlation_wrap=True)
+    ours = net.inject_correlation(keys.transpose(2, 3), (4, 4))
+    ref = ref_correlation(keys, net.transport_proj).transpose(2, 3)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-8)
 
 
 def nn_encoder_stub():

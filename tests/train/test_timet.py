@@ -170,14 +170,6 @@ def reference_get_loss(head, prototypes, teacher_head, teacher_prototypes, x, n_
     return total / bs
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 def stub_timet(teacher="inverted"):
     """TimeT with §7.2's stub: a Linear(384 -> 256) head and 200 prototypes, seeded as the recipe says."""
     cfg = TimeTConfig(head_dims=(256,), teacher=teacher)
