@@ -53,6 +53,7 @@ class Setting:
     train_args: tuple[str, ...]   # train/run.py flags (config overrides)
     protocol: str                 # eval/run.py labelprop --protocol
     short_side: int               # frames resized to this short side for propagation (0: native)
+    start_from: str | None = None  # a method of SETTINGS whose trained backbone (same budget) is --model.init
 
 
 DATA = {
@@ -61,7 +62,21 @@ DATA = {
 }
 
 # The 128x96 CPU frames are propagated at short side 192 (a 32x24 grid of stride-8 cells); the CRW
-# CPU run cuts 32-px patches from 96-px crops. docs/learning.md has the measurements behind each row.
+# CPU run cuts 32-px patches from 96-px crops. The CPU ViT rows share one ViT-Ti/16 recipe: batch 8,
+# peak LR 5e-4 without linear batch scaling (which gives 1.6e-5 at batch 8), 1-epoch warm-up, 64-px
+# global and 2 x 32-px local crops, small heads. TimeT and SMTC fine-tune the DINO row's network, as
+# the papers fine-tune DINO. docs/learning.md has the measurements behind each row.
+VIT_TINY_CPU = ("--model.arch", "vit_tiny_patch16", "--model.drop_path", "0", "--data.batch_size", "8",
+                "--optim.lr_scaling", "none", "--optim.lr", "5e-4", "--optim.warmup_epochs", "1")
+
+
+def small_crops_and_head(section: str) -> tuple[str, ...]:
+    """The CPU rows' multi-crop and projection head for a DINO-family objective's config section."""
+    return (f"--{section}.global_size", "64", f"--{section}.local_size", "32", f"--{section}.local_crops", "2",
+            f"--{section}.out_dim", "256", f"--{section}.head_hidden_dim", "64",
+            f"--{section}.head_bottleneck_dim", "32")
+
+
 SETTINGS: dict[str, dict[str, Setting]] = {
     "crw": {
         "cpu": Setting(60, ("--model.arch", "resnet18_crw_w16", "--data.batch_size", "8", "--crw.size", "96",
@@ -71,13 +86,39 @@ SETTINGS: dict[str, dict[str, Setting]] = {
                        "crw", 480),
     },
     "dino": {
-        "cpu": Setting(400, ("--model.arch", "vit_tiny_patch16", "--model.drop_path", "0", "--data.batch_size", "8",
-                             "--optim.lr_scaling", "none", "--optim.lr", "5e-4", "--optim.warmup_epochs", "1",
-                             "--dino.global_size", "64", "--dino.local_size", "32", "--dino.local_crops", "2",
-                             "--dino.out_dim", "256", "--dino.head_hidden_dim", "64",
-                             "--dino.head_bottleneck_dim", "32"), "dino", 192),
+        "cpu": Setting(400, (*VIT_TINY_CPU, *small_crops_and_head("dino")), "dino", 192),
         "gpu": Setting(3000, ("--data.batch_size", "64", "--dino.local_crops", "6", "--dino.out_dim", "4096"),
                        "dino", 480),
+    },
+    "selfpatch": {
+        "cpu": Setting(400, (*VIT_TINY_CPU, *small_crops_and_head("selfpatch"), "--selfpatch.patch_out_dim", "256",
+                             "--optim.clip_grad", "3"), "dino", 192),
+        "gpu": Setting(3000, ("--data.batch_size", "64", "--selfpatch.local_crops", "6",
+                              "--selfpatch.out_dim", "4096", "--selfpatch.patch_out_dim", "1024"), "dino", 480),
+    },
+    "dora": {
+        # 4 frames 4 packed frames apart (the 32-frame videos hold no 8 x 20); the epoch-denominated
+        # settings of dora.yaml are for 60 s segments and are reset to the DINO row's.
+        "cpu": Setting(200, (*VIT_TINY_CPU, *small_crops_and_head("dora"), "--dora.frames", "4",
+                             "--dora.frame_stride", "4", "--dora.freeze_last_layer_epochs", "1",
+                             "--dora.warmup_teacher_temp_epochs", "0"), "dino", 192),
+        "gpu": Setting(3000, ("--data.batch_size", "8", "--dora.frame_stride", "4", "--dora.out_dim", "4096",
+                              "--optim.warmup_epochs", "10", "--dora.freeze_last_layer_epochs", "1",
+                              "--dora.warmup_teacher_temp_epochs", "0"), "dino", 480),
+    },
+    "timet": {
+        "cpu": Setting(100, ("--model.arch", "vit_tiny_patch16", "--data.batch_size", "8", "--timet.size", "96",
+                             "--timet.frame_stride", "4", "--timet.num_prototypes", "32", "--optim.lr", "1e-3"),
+                       "dino", 192, start_from="dino"),
+        "gpu": Setting(1000, ("--data.batch_size", "32", "--timet.frame_stride", "8"), "dino", 480,
+                       start_from="dino"),
+    },
+    "smtc": {
+        "cpu": Setting(60, ("--model.arch", "vit_tiny_patch16", "--model.drop_path", "0", "--data.batch_size", "4",
+                            "--smtc.size", "64", "--optim.lr", "1e-4", "--optim.lr_scaling", "none",
+                            "--optim.backbone_frozen_steps", "0"), "smtc", 192, start_from="dino"),
+        "gpu": Setting(1000, ("--data.batch_size", "16", "--optim.backbone_frozen_steps", "200"), "smtc", 480,
+                       start_from="dino"),
     },
 }
 
@@ -100,11 +141,29 @@ def prepare_data(out: Path, data: Data) -> tuple[Path, Path]:
     return shards, davis
 
 
+def with_starts(methods: list[str], budget: str) -> list[str]:
+    """`methods` in an order where every method comes after the one it starts from (added if missing)."""
+    ordered: list[str] = []
+
+    def visit(method: str) -> None:
+        start = SETTINGS[method][budget].start_from
+        if start is not None:
+            visit(start)
+        if method not in ordered:
+            ordered.append(method)
+
+    for method in methods:
+        visit(method)
+    return ordered
+
+
 def train(method: str, setting: Setting, budget: str, shards: Path, run_dir: Path) -> dict:
     """Train through train/run.py (its progress lines stream through); return time and loss curve."""
+    start = [] if setting.start_from is None else [
+        "--model.init", str(run_dir.parent / setting.start_from / "backbone.safetensors")]
     command = [sys.executable, str(REPO_ROOT / "train" / "run.py"), "--method", method, "--data", str(shards),
                "--out", str(run_dir), "--steps", str(setting.steps), "--resume", "auto",
-               "--run.log_every", "5", *(["--cpu"] if budget == "cpu" else []), *setting.train_args]
+               "--run.log_every", "5", *(["--cpu"] if budget == "cpu" else []), *start, *setting.train_args]
     print("$ " + " ".join(command), flush=True)
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -128,7 +187,7 @@ def label_propagation(features: list[str], davis: Path, setting: Setting, out: P
 def benchmark(methods: list[str], budget: str, out: Path) -> dict:
     shards, davis = prepare_data(out, DATA[budget])
     rows, pixels_cache = [], {}
-    for method in methods:
+    for method in with_starts(methods, budget):
         setting = SETTINGS[method][budget]
         run_dir = out / "runs" / method
         trained = train(method, setting, budget, shards, run_dir)
@@ -142,7 +201,7 @@ def benchmark(methods: list[str], budget: str, out: Path) -> dict:
                                                   out / "eval" / f"pixels-{setting.protocol}-{setting.short_side}")
         scores["pixels"] = pixels_cache[key]
         log = trained["log"]
-        rows.append({"method": method, "steps": log[-1]["step"], "wall_s": trained["wall_s"],
+        rows.append({"method": method, "start_from": setting.start_from, "steps": log[-1]["step"], "wall_s": trained["wall_s"],
                      "cpu_s": trained["cpu_s"], "loss_first": log[0]["loss"], "loss_last": log[-1]["loss"],
                      "scores": scores, "gain_over_init": scores["trained"]["J&F"] - scores["init"]["J&F"],
                      "gain_over_pixels": scores["trained"]["J&F"] - scores["pixels"]["J&F"],
@@ -156,7 +215,8 @@ def benchmark(methods: list[str], budget: str, out: Path) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """method | steps | wall | loss first -> last | J&F / J / F trained, init, pixels | gains."""
+    """method (and the row it starts from) | steps | wall | loss first -> last | J&F / J / F trained,
+    init, pixels | gains."""
     head = ("| method | steps | wall s (CPU s) | train loss first → last | J&F trained | J&F init | J&F pixels "
             "| J trained / init / pixels | F trained / init / pixels | gain vs init | gain vs pixels |\n"
             "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- | --- | ---: | ---: |")
@@ -164,7 +224,8 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         s = r["scores"]
         triple = lambda m: " / ".join(f"{s[k][m]:.3f}" for k in ("trained", "init", "pixels"))  # noqa: E731
-        lines.append(f"| {r['method']} | {r['steps']} | {r['wall_s']:.0f} ({r['cpu_s']:.0f}) | "
+        name = r["method"] + (f" (from {r['start_from']})" if r["start_from"] else "")
+        lines.append(f"| {name} | {r['steps']} | {r['wall_s']:.0f} ({r['cpu_s']:.0f}) | "
                      f"{r['loss_first']:.3f} → {r['loss_last']:.3f} | {s['trained']['J&F']:.3f} | "
                      f"{s['init']['J&F']:.3f} | {s['pixels']['J&F']:.3f} | {triple('J')} | {triple('F')} | "
                      f"{r['gain_over_init']:+.3f} | {r['gain_over_pixels']:+.3f} |")

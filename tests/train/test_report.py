@@ -1,7 +1,11 @@
 """The learning table and the demo report's curves."""
 import numpy as np
 
-from train.learning import SETTINGS, markdown_table
+import pytest
+
+from train.config import load_config
+from train.learning import SETTINGS, markdown_table, with_starts
+from train.run import parse_args
 from train.report import CURVE_SIZE, curves
 
 
@@ -16,7 +20,7 @@ def test_crw_curves_include_return_accuracy_and_are_drawn():
 
 def test_table_row_shows_scores_and_gains():
     scores = {k: {"J&F": v, "J": v - 0.01, "F": v + 0.01} for k, v in (("trained", 0.6), ("init", 0.4), ("pixels", 0.5))}
-    row = {"method": "crw", "steps": 60, "wall_s": 100.0, "cpu_s": 180.0, "loss_first": 3.2, "loss_last": 2.5,
+    row = {"method": "crw", "start_from": None, "steps": 60, "wall_s": 100.0, "cpu_s": 180.0, "loss_first": 3.2, "loss_last": 2.5,
            "scores": scores, "gain_over_init": 0.2, "gain_over_pixels": 0.1}
     line = markdown_table([row]).splitlines()[-1]
     assert line.startswith("| crw | 60 | 100 (180) | 3.200 → 2.500 | 0.600 | 0.400 | 0.500 |")
@@ -25,3 +29,29 @@ def test_table_row_shows_scores_and_gains():
 
 def test_every_method_has_both_budgets():
     assert all(set(budgets) == {"cpu", "gpu"} for budgets in SETTINGS.values())
+
+
+def test_a_row_that_fine_tunes_names_its_start():
+    scores = {k: {"J&F": 0.5, "J": 0.5, "F": 0.5} for k in ("trained", "init", "pixels")}
+    row = {"method": "timet", "start_from": "dino", "steps": 100, "wall_s": 1.0, "cpu_s": 2.0, "loss_first": 3.0,
+           "loss_last": 2.0, "scores": scores, "gain_over_init": 0.0, "gain_over_pixels": 0.0}
+    assert markdown_table([row]).splitlines()[-1].startswith("| timet (from dino) | 100 |")
+
+
+def test_methods_are_trained_after_the_run_they_start_from():
+    starts = {m: b["cpu"].start_from for m, b in SETTINGS.items() if b["cpu"].start_from}
+    assert starts, "no CPU row fine-tunes another row's network"
+    method, start = next(iter(starts.items()))
+    assert with_starts([method], "cpu") == [start, method]                  # the start is added first
+    assert with_starts([method, start, method], "cpu") == [start, method]   # once, in order
+    assert with_starts(["crw"], "cpu") == ["crw"]
+
+
+@pytest.mark.parametrize("budget", ["cpu", "gpu"])
+@pytest.mark.parametrize("method", sorted(SETTINGS))
+def test_every_setting_is_a_valid_configuration(method, budget):
+    setting = SETTINGS[method][budget]
+    assert setting.start_from in (None, *SETTINGS)
+    args, overrides = parse_args(["--method", method, "--data", "shards", "--out", "run", *setting.train_args])
+    cfg = load_config(method, overrides=overrides)   # a misspelt flag or a bad value raises here
+    assert cfg.run.steps > 0
