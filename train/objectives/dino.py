@@ -78,8 +78,10 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class DINOConfig:
-    """Knobs of DINO (defaults: facebookresearch/dino main_dino.py for ViT-S/16)."""
+class DistillationConfig:
+    """The self-distillation knobs that DINO, SelfPatch and DoRA share: the projection head, the
+    teacher's temperature and momentum, the center (defaults: facebookresearch/dino main_dino.py for
+    ViT-S/16). Each method's config adds its views."""
 
     out_dim: int = 65536
     """Prototypes D of the head's last layer."""
@@ -107,6 +109,13 @@ class DINOConfig:
     """EMA momentum of the teacher-output center."""
     freeze_last_layer_epochs: int = 1
     """Epochs during which the head's last layer gets no update."""
+
+
+@dataclass
+class DINOConfig(DistillationConfig):
+    """Knobs of DINO (defaults: facebookresearch/dino main_dino.py for ViT-S/16): the distillation
+    knobs and the multi-crop views."""
+
     global_crops: int = 2
     """Global crops per image (the teacher's views)."""
     global_size: int = 224

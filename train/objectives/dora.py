@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import ViewSpec
-from train.objectives.dino import DINO, at_least_fp32, entropy, teacher_targets
+from train.objectives.dino import DINO, DistillationConfig, at_least_fp32, entropy, teacher_targets
 from train.sinkhorn import sinkhorn_per_sample
 
 
@@ -137,8 +137,9 @@ def dora_loss(masked_logits: torch.Tensor, local_logits: torch.Tensor, targets: 
 
 
 @dataclass
-class DoRAConfig:
-    """Knobs of DoRA (defaults: the DoRA README command for ViT-S/16 on one Walking Tours video)."""
+class DoRAConfig(DistillationConfig):
+    """Knobs of DoRA (defaults: the DoRA README command for ViT-S/16 on one Walking Tours video): the
+    distillation knobs, the object discovery and tracking, and the clip views."""
 
     objects: int = 3
     """Objects k discovered per clip, one per randomly chosen attention head (at most the head count)."""
@@ -178,32 +179,11 @@ class DoRAConfig:
     """Side of a local crop."""
     local_scale: tuple[float, float] = (0.05, 0.4)
     """Area range of a local crop inside the region."""
-    out_dim: int = 65536
-    """Prototypes D of the head's last layer."""
+    # Redefined from DistillationConfig: the DoRA README's values.
     norm_last_layer: bool = False
     """Weight-normalise the last layer with its norm frozen at 1 (the README trains it: false)."""
-    use_bn_in_head: bool = False
-    """BatchNorm in the head's MLP."""
-    head_hidden_dim: int = 2048
-    """Width of the head's hidden layers."""
-    head_bottleneck_dim: int = 256
-    """Width before the L2-normalised last layer."""
-    head_layers: int = 3
-    """Linear layers of the head's MLP."""
-    student_temp: float = 0.1
-    """Student softmax temperature."""
-    teacher_temp: float = 0.04
-    """Teacher temperature after warm-up."""
-    warmup_teacher_temp: float = 0.04
-    """Teacher temperature at epoch 0."""
     warmup_teacher_temp_epochs: int = 30
     """Epochs of linear teacher-temperature warm-up (the README's 30; no effect while both are 0.04)."""
-    momentum_teacher: float = 0.996
-    """Initial EMA momentum of the teacher; cosine to 1 over training."""
-    center_momentum: float = 0.9
-    """EMA momentum of the teacher-output center."""
-    freeze_last_layer_epochs: int = 1
-    """Epochs during which the head's last layer gets no update."""
 
     def __post_init__(self) -> None:
         if self.objects < 1 or self.frames < 1 or self.frame_stride < 1:
