@@ -40,7 +40,7 @@ test: $(ENV)
 # for the trained network, the same network at step 0 and raw pixels, then write $(DEMO)/report.md
 # (table, curves, ground truth above prediction, PCA maps, the command of each step). Rerunning reuses
 # the data and the finished runs.
-DEMO_METHODS ?= crw dino
+DEMO_METHODS ?= crw dino smtc
 demo: $(ENV)
 	$(PYTHON) -m train.learning --methods $(DEMO_METHODS) --budget cpu --out $(DEMO)
 	$(PYTHON) -m train.report --bench $(DEMO)
