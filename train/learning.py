@@ -103,6 +103,7 @@ SETTINGS: dict[str, dict[str, Setting]] = {
                              "--dora.frame_stride", "4", "--dora.freeze_last_layer_epochs", "1",
                              "--dora.warmup_teacher_temp_epochs", "0"), "dino", 192),
         "gpu": Setting(3000, ("--data.batch_size", "8", "--dora.frame_stride", "4", "--dora.out_dim", "4096",
+                              "--optim.lr_scaling", "none", "--optim.lr", "1.25e-4",   # the DINO row's peak
                               "--optim.warmup_epochs", "10", "--dora.freeze_last_layer_epochs", "1",
                               "--dora.warmup_teacher_temp_epochs", "0"), "dino", 480),
     },
@@ -120,7 +121,8 @@ SETTINGS: dict[str, dict[str, Setting]] = {
                             "--smtc.size", "64", "--optim.lr", "1e-4", "--optim.lr_scaling", "none",
                             "--optim.backbone_frozen_steps", "0", "--optim.backbone_lr_mult", "1"),
                        "smtc", 192, start_from="dino"),
-        "gpu": Setting(1000, ("--data.batch_size", "16", "--optim.backbone_frozen_steps", "200"), "smtc", 480,
+        "gpu": Setting(1000, ("--data.batch_size", "16", "--optim.lr_scaling", "none", "--optim.lr", "1e-4",
+                              "--optim.backbone_frozen_steps", "0", "--optim.backbone_lr_mult", "1"), "smtc", 480,
                        start_from="dino"),
     },
 }
