@@ -91,8 +91,8 @@ SETTINGS: dict[str, dict[str, Setting]] = {
                        "dino", 480),
     },
     "selfpatch": {
-        "cpu": Setting(400, (*VIT_TINY_CPU, *small_crops_and_head("selfpatch"), "--selfpatch.patch_out_dim", "256",
-                             "--optim.clip_grad", "3"), "dino", 192),
+        "cpu": Setting(400, (*VIT_TINY_CPU, *small_crops_and_head("selfpatch"), "--selfpatch.patch_out_dim", "256"),
+                       "dino", 192),
         "gpu": Setting(3000, ("--data.batch_size", "64", "--selfpatch.local_crops", "6",
                               "--selfpatch.out_dim", "4096", "--selfpatch.patch_out_dim", "1024"), "dino", 480),
     },
@@ -162,13 +162,20 @@ def with_starts(methods: list[str], budget: str) -> list[str]:
     return ordered
 
 
-def train(method: str, setting: Setting, budget: str, shards: Path, run_dir: Path) -> dict:
-    """Train through train/run.py (its progress lines stream through); return time and loss curve."""
+def train_argv(method: str, setting: Setting, budget: str, shards: Path, run_dir: Path) -> list[str]:
+    """train/run.py's arguments for one row; a row that starts from another reads that row's backbone,
+    trained beside it in ``run_dir.parent``."""
     start = [] if setting.start_from is None else [
         "--model.init", str(run_dir.parent / setting.start_from / "backbone.safetensors")]
-    command = [sys.executable, str(REPO_ROOT / "train" / "run.py"), "--method", method, "--data", str(shards),
-               "--out", str(run_dir), "--steps", str(setting.steps), "--resume", "auto",
-               "--run.log_every", "5", *(["--cpu"] if budget == "cpu" else []), *start, *setting.train_args]
+    return ["--method", method, "--data", str(shards), "--out", str(run_dir), "--steps", str(setting.steps),
+            "--resume", "auto", "--run.log_every", "5", *(["--cpu"] if budget == "cpu" else []), *start,
+            *setting.train_args]
+
+
+def train(method: str, setting: Setting, budget: str, shards: Path, run_dir: Path) -> dict:
+    """Train through train/run.py (its progress lines stream through); return time and loss curve."""
+    command = [sys.executable, str(REPO_ROOT / "train" / "run.py"),
+               *train_argv(method, setting, budget, shards, run_dir)]
     print("$ " + " ".join(command), flush=True)
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()

@@ -22,9 +22,8 @@ MIN_GAIN = 0.015
 def test_a_tiny_crw_beats_its_initialisation(tmp_path):
     shards, davis = learning.prepare_data(tmp_path, DATA)
     # In process (not learning.train's subprocess), so that a patched loss reaches the run
-    assert run.main(["--method", "crw", "--steps", str(SETTING.steps), "--cpu", "--data.num_workers", "0",
-                     "--run.log_every", "10", *SETTING.train_args,
-                     "--data", str(shards), "--out", str(tmp_path / "run")]) == 0
+    assert run.main([*learning.train_argv("crw", SETTING, "cpu", shards, tmp_path / "run"),
+                     "--data.num_workers", "0"]) == 0
     trained = learning.label_propagation(["--ckpt", str(tmp_path / "run")], davis, SETTING, tmp_path / "eval-trained")
     init = learning.label_propagation(["--ckpt", str(tmp_path / "run" / "init" / "backbone.safetensors")], davis,
                                       SETTING, tmp_path / "eval-init")
