@@ -3,7 +3,7 @@ written to ``<out>/<command>.json``, the headline of the summary line). Imported
 the command line has been checked, since importing torch takes seconds."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +12,14 @@ from PIL import Image
 
 from eval import clustering, davis_metrics, discovery, knn_linear, label_prop, visualize
 from eval.davis_io import open_sequences, read_mask, write_mask
-from eval.features import dense_feature_fn, feature_stride, global_descriptor, slot_export, video_slots
+from eval.features import (dense_feature_fn, dense_features, feature_stride, global_descriptor, pads_to_cover_frame,
+                           slot_export, video_slots)
 from models.io import load_smtc_slots
 from eval.propagation_config import PRESETS, config_from_args
 from shard_tools.cli import progress
+
+# Discovery's frames: native size floored to a multiple of the stride, antialiased, ImageNet-normalised
+DISCOVERY_INPUT = replace(PRESETS["crw"], resize="antialias")
 
 
 def _batched(fn, items: np.ndarray, batch: int, device: torch.device, desc: str | None = None) -> torch.Tensor:
@@ -30,8 +34,9 @@ def run_labelprop(args, backbone, device) -> tuple[dict, str]:
     cfg = config_from_args(args)
     sequences = open_sequences(args.data, subset=args.set)
     timing = label_prop.propagate_sequences(progress(sequences, desc="labelprop", unit="seq"),
-                                            dense_feature_fn(backbone, args.layer, upsample=cfg.upsample),
-                                            feature_stride(backbone), cfg, args.out, device, args.batch)
+                                            dense_features(backbone, args.layer, upsample=cfg.upsample),
+                                            feature_stride(backbone), cfg, args.out, device, args.batch,
+                                            pads=pads_to_cover_frame(backbone))
     result = {"protocol": args.protocol, "config": asdict(cfg), "timing": timing}
     if args.visualize:
         for sequence in progress(sequences, desc="visualize", unit="seq"):
@@ -164,10 +169,10 @@ def slot_proposer(args, backbone, device):
 
 def feature_proposer(args, backbone, device):
     """Proposals from one k-means of a sequence's patch features; returned as :func:`slot_proposer`'s."""
-    feature_fn = dense_feature_fn(backbone, args.layer)
+    features = dense_features(backbone, args.layer)
 
     def propose(sequence, net_size, size):
-        feats = list(label_prop.sequence_features(sequence, feature_fn, net_size, args.batch, device))
+        feats = list(label_prop.sequence_features(sequence, features, net_size, args.batch, device, DISCOVERY_INPUT))
         return discovery.proposals_from_features(feats, args.proposals, size, seed=args.seed), None
 
     start = f"discovery: proposals from k-means of the backbone features ({args.proposals} per sequence)"
@@ -180,14 +185,13 @@ def run_discovery(args, backbone, device) -> tuple[dict, str]:
     to 480 x 800 and normalises with Kinetics statistics)."""
     stride = feature_stride(backbone)
     sequences = open_sequences(args.data, subset=args.set, task="unsupervised")
-    preset = PRESETS["crw"]  # native size, floored to a multiple of the stride
     source = discovery_source(args)
     propose, details, start = (slot_proposer if source == "slots" else feature_proposer)(args, backbone, device)
     print(start)
     identities = {}
     for sequence in progress(sequences, desc="discovery", unit="seq"):
         first = sequence.mask(sequence.frame_stems[0])
-        net_size = label_prop.network_size(*first.shape, preset, stride)
+        net_size = label_prop.network_size(*first.shape, DISCOVERY_INPUT, stride)
         proposals, identities[sequence.name] = propose(sequence, net_size, first.shape)
         for stem, proposal in zip(sequence.frame_stems, proposals):
             write_mask(Path(args.out) / sequence.name / f"{stem}.png", proposal)

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from eval.propagation_config import IMAGENET_MEAN, IMAGENET_STD
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # uint8 (B, H, W, 3) -> float (B, D, h, w)
 SLOTS_FILE = "slots.safetensors"  # SMTC's slot head, exported beside backbone.safetensors (train/checkpoint.py)
@@ -47,17 +46,15 @@ def normalise_frames(frames: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return (x - mean_t) / std_t
 
 
-def dense_feature_fn(backbone: nn.Module, layer: int = 1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                     upsample: int = 1) -> FeatureFn:
-    """Frames -> (B, D, h, w) L2-normalised features. ViTs: output of the ``layer``-th block from the end
-    after the final LayerNorm, CLS and registers dropped (DINO's protocol), or before
-    it when the backbone was built with ``dense_norm=False`` (SMTC's protocol; recorded in its export); CNN encoders
-    (``out_channels``): their map. ``upsample`` > 1 bilinearly enlarges the map by that factor before the
-    L2 normalisation (SMTC's stride-16 -> 8 setting B), so the cells are ``stride / upsample`` pixels."""
+def dense_features(backbone: nn.Module, layer: int = 1, upsample: int = 1) -> FeatureFn:
+    """Normalised float frames (B, 3, H, W) -> (B, D, h, w) L2-normalised features. ViTs: output of the
+    ``layer``-th block from the end after the final LayerNorm, CLS and registers dropped (DINO's protocol), or
+    before it when the backbone was built with ``dense_norm=False`` (SMTC's protocol; recorded in its export);
+    CNN encoders (``out_channels``): their map. ``upsample`` > 1 bilinearly enlarges the map by that factor
+    before the L2 normalisation (SMTC's stride-16 -> 8 setting B), so the cells are ``stride / upsample`` pixels."""
 
     @torch.inference_mode()
-    def features(frames: torch.Tensor) -> torch.Tensor:
-        x = normalise_frames(frames, mean, std)
+    def features(x: torch.Tensor) -> torch.Tensor:
         if hasattr(backbone, "get_intermediate_layers"):
             tokens = backbone.get_intermediate_layers(x, n=layer, norm=getattr(backbone, "dense_norm", True))[0]
             patch = backbone.patch_size
@@ -71,6 +68,20 @@ def dense_feature_fn(backbone: nn.Module, layer: int = 1, mean=IMAGENET_MEAN, st
         return F.normalize(fmap.float(), dim=1)
 
     return features
+
+
+def dense_feature_fn(backbone: nn.Module, layer: int = 1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     upsample: int = 1) -> FeatureFn:
+    """uint8 frames (B, H, W, 3) -> :func:`dense_features` of the frames normalised with ``mean`` and ``std``."""
+    features = dense_features(backbone, layer, upsample)
+    return lambda frames: features(normalise_frames(frames, mean, std))
+
+
+def pads_to_cover_frame(backbone: nn.Module) -> bool:
+    """Whether the backbone's feature grid covers the whole frame at any size: CNN encoders (padded
+    convolutions give ceil(size / stride) cells, as videowalk's test.py relies on), unlike ViTs and pixel
+    cells, which drop the remainder of a size that is not a multiple of their patch."""
+    return hasattr(backbone, "out_channels") and not hasattr(backbone, "get_intermediate_layers")
 
 
 def feature_stride(backbone: nn.Module) -> int:

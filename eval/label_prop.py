@@ -8,20 +8,24 @@ and fed back as context; argmax happens only at output.
 Presets (eval/propagation_config.py) reproduce the published protocols (team docs evaluation.md
 §2.2, §2.3, §2.7):
 
-* ``dino`` (facebookresearch/dino eval_video_segmentation.py): frames resized to short side 480 and long
-  side floored to a multiple of 64; first frame + 7 previous; top-5; square neighbourhood |di|,|dj| <= 12
-  on every context frame; temperature 0.1; first-frame labels nearest-resized; output upsampled x stride
-  (bilinear), per-channel min-max normalised, argmax, nearest-resized to the original size.
-* ``crw`` (ajabri/videowalk test.py): native resolution (floored to a multiple of the stride); first frame
-  + 20 previous, missing previous frames are copies of the first; top-10; circular neighbourhood
-  (distance < 12) on all but the first frame; temperature 0.05; first-frame labels bilinear-resized;
-  output bilinear-resized to the original size, argmax.
-* ``smtc``: ``crw`` with SMTC's ViT-S/16 settings (top-7, radius 7, temperature 0.2).
+* ``dino`` (facebookresearch/dino eval_video_segmentation.py): frames resized with cv2 INTER_LINEAR to
+  short side 480 and long side floored to a multiple of 64, normalised with the script's std (0.228 for
+  red); first frame + 7 previous; top-5; square neighbourhood |di|,|dj| <= 12 on every context frame;
+  temperature 0.1; first-frame labels PIL-NEAREST-resized (classes: the ids that survive); output upsampled
+  x stride (bilinear), per-channel min-max normalised, argmax, PIL-NEAREST-resized to the original size.
+* ``crw`` (ajabri/videowalk test.py): CNN encoders see the native frame (padded convolutions: a
+  ceil(W/8) x ceil(H/8) grid); ViTs the frame bilinearly resized to the size floored to the stride; first
+  frame + 20 previous, missing previous frames are copies of the first; top-10; circular neighbourhood
+  (distance < 12) on all but the first frame; temperature 0.05; first-frame labels bilinear-resized to the
+  grid; output bilinear-resized to the original size, argmax.
+* ``smtc`` (shvdiwnkozbw/SMTC eval_prop.py): ``crw`` with SMTC's ViT-S/16 settings (top-7, radius 7,
+  temperature 0.2); its frames are the normalised float frames bilinearly resized to the floored size.
 * ``smtc_upsampled``: SMTC's setting B: the ViT's feature map bilinearly upsampled x2 before the L2
   normalisation (stride 16 -> 8, DINOv2's 14 -> 7), top-28, radius 35, temperature 0.2.
 
-Patch 14 (DINOv2): input sizes are floored to multiples of the patch (``network_size``); the ``dino``
-preset's long side is floored to a multiple of 64 only when the patch divides 64, else of the patch.
+docs/design.md has each preset's steps next to the reference script's lines. Patch 14 (DINOv2): input
+sizes are floored to multiples of the patch (``network_size``); the ``dino`` preset's long side is floored
+to a multiple of 64 only when the patch divides 64, else of the patch.
 
 Speed and memory: the context lives in a ring buffer (no re-stacking per frame), and the affinity is
 computed tile by tile: a tile of query cells only meets the key window its neighbourhood can reach, so
@@ -32,31 +36,34 @@ before torch.topk sees it, and the labels of the k winners are one index into a 
 Memory is one tile's scores plus one column band of keys, never the (context x N x N) affinity DINO's
 script materialises.
 """
-import os, sys  # noqa: E401  (run as a script: make the repository root importable, not this folder)
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from eval.davis_io import VOID_LABEL, Sequence, write_mask
-from eval.propagation_config import PropagationConfig
+from eval.features import normalise_frames
+from eval.propagation_config import IMAGENET_MEAN, PropagationConfig
 
 
-def network_size(height: int, width: int, cfg: PropagationConfig, stride: int) -> tuple[int, int]:
+def network_size(height: int, width: int, cfg: PropagationConfig, stride: int,
+                 pads: bool = False) -> tuple[int, int]:
     """Input size for the backbone: DINO's rule (short side to ``short_side``, long side floored to a
-    multiple of ``size_multiple``), or with ``short_side=None`` the native size floored to a multiple of
-    the stride (a ViT silently drops the remainder otherwise, see SMTC's note). Both sides are always
-    multiples of the stride: for patch 14 the short side is floored too (480 -> 476) and the long side
-    is floored to a multiple of the stride where the stride does not divide ``size_multiple``."""
+    multiple of ``size_multiple``), or with ``short_side=None`` the native size: kept as it is for a
+    backbone that ``pads`` (a CNN's padded convolutions give ceil(size / stride) cells, videowalk's test.py
+    feeds native 854x480 frames), else floored to a multiple of the stride (a ViT silently drops the
+    remainder; SMTC's eval_prop resizes to the floored size). With ``short_side`` both sides are multiples
+    of the stride: for patch 14 the short side is floored too (480 -> 476) and the long side is floored to
+    a multiple of the stride where the stride does not divide ``size_multiple``."""
     if cfg.short_side is None:
-        size = (height // stride * stride, width // stride * stride)
+        size = (height, width) if pads else (height // stride * stride, width // stride * stride)
     else:
         multiple = max(cfg.size_multiple, stride)
         if multiple % stride:
@@ -69,12 +76,49 @@ def network_size(height: int, width: int, cfg: PropagationConfig, stride: int) -
     return size
 
 
+def network_input(frames: torch.Tensor, size: tuple[int, int], cfg: PropagationConfig) -> torch.Tensor:
+    """uint8 (B, H, W, 3) frames -> normalised float (B, 3, h, w) at the network ``size``, resized the way
+    the preset's reference script does it (``cfg.resize``) and normalised with ``cfg.std``."""
+    if tuple(frames.shape[1:3]) == tuple(size) or cfg.resize == "bilinear":
+        x = normalise_frames(frames, IMAGENET_MEAN, cfg.std)
+        if tuple(x.shape[-2:]) != tuple(size):
+            # SMTC's eval_prop interpolates the normalised float frames (no rounding, no antialiasing)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
+    if cfg.resize == "cv2":
+        # DINO's read_frame: cv2.resize (INTER_LINEAR, fixed-point on uint8, no antialiasing) of each frame
+        resized = np.stack([cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+                            for frame in frames.cpu().numpy()])
+        return normalise_frames(torch.from_numpy(resized).to(frames.device), IMAGENET_MEAN, cfg.std)
+    return normalise_frames(antialiased_resize(frames, size), IMAGENET_MEAN, cfg.std)
+
+
+def antialiased_resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> uint8 (B, h, w, 3), antialiased bilinear (no aliasing when shrinking a lot)."""
+    x = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", align_corners=False,
+                      antialias=True)
+    return x.round().clamp(0, 255).byte().permute(0, 2, 3, 1)
+
+
+def pil_nearest(ids: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 ids resized to ``size`` (h, w) with PIL's NEAREST, as DINO's script resizes its
+    first-frame labels and its output (PIL's fixed-point source positions differ from torch's
+    "nearest-exact" where a position falls exactly on a pixel edge, e.g. output column 640 of 832 -> 854)."""
+    return np.asarray(Image.fromarray(ids).resize((size[1], size[0]), Image.NEAREST))
+
+
 def first_frame_labels(mask: np.ndarray, grid: tuple[int, int], mode: str, device="cpu") -> torch.Tensor:
-    """(H, W) ids -> (C, h, w) one-hot (C = max id + 1; void counts as background) at the feature grid."""
-    ids = torch.from_numpy(np.where(mask == VOID_LABEL, 0, mask).astype(np.int64)).to(device)
-    onehot = F.one_hot(ids, int(ids.max()) + 1).permute(2, 0, 1).float()[None]
-    if mode == "nearest":  # PIL NEAREST = sample at pixel centres
-        return F.interpolate(onehot, size=grid, mode="nearest-exact")[0]
+    """(H, W) ids -> (C, h, w) one-hot at the feature grid (void counts as background).
+
+    "nearest" (DINO's read_seg): the id image PIL-NEAREST-resized, C = its max id + 1 (an object too small
+    to survive the resize gets no channel). "bilinear" (CRW's vos.py, cv2.resize of the float one-hot):
+    the one-hot of the full mask, C = max id + 1, bilinearly resized (soft labels at object borders)."""
+    ids = np.where(mask == VOID_LABEL, 0, mask).astype(np.uint8)
+    if mode == "nearest":
+        small = torch.from_numpy(pil_nearest(ids, grid).astype(np.int64)).to(device)
+        return F.one_hot(small, int(small.max()) + 1).permute(2, 0, 1).float()
+    full = torch.from_numpy(ids.astype(np.int64)).to(device)
+    onehot = F.one_hot(full, int(full.max()) + 1).permute(2, 0, 1).float()[None]
     return F.interpolate(onehot, size=grid, mode="bilinear", align_corners=False)[0]
 
 
@@ -221,10 +265,11 @@ class Propagator:
         return out
 
 
-def soft_to_mask(soft: torch.Tensor, size: tuple[int, int], cfg: PropagationConfig, stride: int) -> torch.Tensor:
-    """(C, h, w) soft labels -> (H, W) ids at the original frame size."""
+def soft_to_mask(soft: torch.Tensor, size: tuple[int, int], cfg: PropagationConfig, stride: int) -> np.ndarray:
+    """(C, h, w) soft labels -> (H, W) uint8 ids at the original frame size."""
     if cfg.output == "crw":
-        return F.interpolate(soft[None], size=size, mode="bilinear", align_corners=False)[0].max(0).indices
+        up = F.interpolate(soft[None], size=size, mode="bilinear", align_corners=False)[0]
+        return up.max(0).indices.to(torch.uint8).cpu().numpy()
     up = F.interpolate(soft[None], scale_factor=stride, mode="bilinear", align_corners=False)[0]
     low = up.amin(dim=(1, 2), keepdim=True)
     high = up.amax(dim=(1, 2), keepdim=True)
@@ -233,7 +278,7 @@ def soft_to_mask(soft: torch.Tensor, size: tuple[int, int], cfg: PropagationConf
     positive = high > 0
     up.sub_(torch.where(positive, low, 0)).div_(torch.where(positive, (high - low).clamp_min(1e-12), 1))
     ids = up.max(0).indices  # (max over a leading dim is much faster than argmax on CPU)
-    return F.interpolate(ids[None, None].float(), size=size, mode="nearest-exact")[0, 0].long()
+    return pil_nearest(ids.to(torch.uint8).cpu().numpy(), size)
 
 
 def propagate_video(features: Iterable[torch.Tensor], first_mask: np.ndarray, frame_size: tuple[int, int],
@@ -245,36 +290,38 @@ def propagate_video(features: Iterable[torch.Tensor], first_mask: np.ndarray, fr
     labels = first_frame_labels(first_mask, tuple(first.shape[-2:]), cfg.label_resize, first.device)
     propagator = Propagator(first, labels, cfg)
     for frame_features in features:
-        soft = propagator.step(frame_features)
-        yield soft_to_mask(soft, frame_size, cfg, stride).to(torch.uint8).cpu().numpy()
+        yield soft_to_mask(propagator.step(frame_features), frame_size, cfg, stride)
 
 
 def sequence_frames(sequence: Sequence, net_size: tuple[int, int], batch: int,
                     device: torch.device) -> Iterator[torch.Tensor]:
-    """The frames in order as uint8 (B, H, W, 3) batches of up to `batch` on `device`, resized to `net_size`."""
+    """The frames in order as uint8 (B, H, W, 3) batches of up to `batch` on `device`, resized to `net_size`
+    (antialiased)."""
+    for frames in _decoded_batches(sequence, batch, device):
+        yield frames if tuple(frames.shape[1:3]) == net_size else antialiased_resize(frames, net_size)
+
+
+def _decoded_batches(sequence: Sequence, batch: int, device: torch.device) -> Iterator[torch.Tensor]:
     for start in range(0, len(sequence.frames), batch):
-        frames = [torch.from_numpy(sequence.frame(i)) for i in range(start, min(start + batch, len(sequence.frames)))]
-        x = torch.stack(frames).to(device)
-        if tuple(x.shape[1:3]) != net_size:
-            x = F.interpolate(x.permute(0, 3, 1, 2).float(), size=net_size, mode="bilinear",
-                              align_corners=False, antialias=True).round().clamp(0, 255).byte().permute(0, 2, 3, 1)
-        yield x
+        indices = range(start, min(start + batch, len(sequence.frames)))
+        yield torch.stack([torch.from_numpy(sequence.frame(i)) for i in indices]).to(device)
 
 
-def sequence_features(sequence: Sequence, feature_fn, net_size: tuple[int, int], batch: int,
-                      device: torch.device) -> Iterator[torch.Tensor]:
-    """Per-frame features, computed `batch` frames at a time (decode, resize, forward)."""
-    for frames in sequence_frames(sequence, net_size, batch, device):
-        yield from feature_fn(frames)
+def sequence_features(sequence: Sequence, features, net_size: tuple[int, int], batch: int,
+                      device: torch.device, cfg: PropagationConfig) -> Iterator[torch.Tensor]:
+    """Per-frame features, computed `batch` frames at a time: decode, :func:`network_input` (the preset's
+    resize and normalisation), ``features`` (normalised frames -> maps, ``eval.features.dense_features``)."""
+    for frames in _decoded_batches(sequence, batch, device):
+        yield from features(network_input(frames, net_size, cfg))
 
 
-def propagate_sequences(sequences: Iterable[Sequence], feature_fn, stride: int, cfg: PropagationConfig,
-                        out_dir: str | Path, device: torch.device, batch: int = 8) -> dict:
+def propagate_sequences(sequences: Iterable[Sequence], features, stride: int, cfg: PropagationConfig,
+                        out_dir: str | Path, device: torch.device, batch: int = 8, pads: bool = False) -> dict:
     """Propagate every sequence and write palette PNGs in the DAVIS layout (frame 0 = its ground truth).
 
-    ``stride`` is the backbone's (input sizes are multiples of it); ``feature_fn`` must already upsample
-    by ``cfg.upsample`` (``dense_feature_fn(..., upsample=cfg.upsample)``), making cells of
-    ``stride // cfg.upsample`` pixels."""
+    ``features`` maps normalised frames to L2-normalised maps and must already upsample by ``cfg.upsample``
+    (``dense_features(..., upsample=cfg.upsample)``), making cells of ``stride // cfg.upsample`` pixels;
+    ``stride`` is the backbone's; ``pads``: its grid covers frames of any size (:func:`network_size`)."""
     out_dir = Path(out_dir)
     if stride % cfg.upsample:
         raise ValueError(f"upsample {cfg.upsample} does not divide the feature stride {stride}")
@@ -285,9 +332,9 @@ def propagate_sequences(sequences: Iterable[Sequence], feature_fn, stride: int, 
         if first_stem not in sequence.masks:
             raise ValueError(f"sequence {sequence.name}: the first frame {first_stem} has no annotation")
         first_mask = sequence.mask(first_stem)
-        net_size = network_size(*first_mask.shape, cfg, stride)
+        net_size = network_size(*first_mask.shape, cfg, stride, pads)
         write_mask(out_dir / sequence.name / f"{first_stem}.png", first_mask)
-        feats = sequence_features(sequence, feature_fn, net_size, batch, device)
+        feats = sequence_features(sequence, features, net_size, batch, device, cfg)
         masks = propagate_video(feats, first_mask, first_mask.shape, cfg, cell)
         for stem, mask in zip(sequence.frame_stems[1:], masks):
             write_mask(out_dir / sequence.name / f"{stem}.png", mask)
@@ -295,14 +342,3 @@ def propagate_sequences(sequences: Iterable[Sequence], feature_fn, stride: int, 
     seconds = time.perf_counter() - started
     return {"frames": frames_done, "seconds": seconds, "frames_per_second": frames_done / max(seconds, 1e-9)}
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python eval/label_prop.py ARGS`` is ``python eval/run.py labelprop ARGS`` (propagate, write the
-    palette PNGs, score J&F, print the table and the frames/s, write labelprop.json); the exit status."""
-    from eval import run
-
-    return run.run_from_command_line(["labelprop", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

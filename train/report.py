@@ -7,6 +7,7 @@ writes DIR/report.md and DIR/img/*.png. Curves are drawn with PIL (no plotting d
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from eval import visualize
 from eval.davis_io import open_sequences, read_mask
-from eval.features import dense_feature_fn, load_backbone
+from eval.features import dense_features, feature_stride, load_backbone, pads_to_cover_frame
 from eval.label_prop import network_size, sequence_features
 from eval.propagation_config import PRESETS
 from train.learning import markdown_table
@@ -70,11 +71,9 @@ def truth_over_prediction(frames, truth, predicted) -> np.ndarray:
 def pca_strip(ckpt: str, sequence, protocol: str, short_side: int, count: int = 6) -> np.ndarray:
     """PCA (first three components -> RGB) of the backbone's features on evenly spaced frames."""
     backbone = load_backbone(ckpt)
-    cfg = PRESETS[protocol]
-    cfg = type(cfg)(**{**cfg.__dict__, "short_side": short_side or None})
-    stride = int(getattr(backbone, "patch_size", 8))
-    net_size = network_size(*sequence.frame(0).shape[:2], cfg, stride)
-    feats = torch.stack(list(sequence_features(sequence, dense_feature_fn(backbone), net_size, 8, torch.device("cpu"))))
+    cfg = replace(PRESETS[protocol], short_side=short_side or None)
+    net_size = network_size(*sequence.frame(0).shape[:2], cfg, feature_stride(backbone), pads_to_cover_frame(backbone))
+    feats = torch.stack(list(sequence_features(sequence, dense_features(backbone), net_size, 8, torch.device("cpu"), cfg)))
     picks = np.linspace(0, len(feats) - 1, count).round().astype(int)
     maps = visualize.pca_rgb(feats[picks], size=net_size)
     return np.concatenate(list(maps), axis=1)

@@ -116,8 +116,7 @@ def test_smtc_run_is_evaluated_from_its_slots_and_features(jpeg_shards, davis_di
     assert 0.0 <= labelprop["scores"]["J&F-Mean"] <= 1.0
 
 
-@pytest.mark.parametrize("script", ["eval/run.py", "eval/davis_metrics.py", "eval/label_prop.py",
-                                    "eval/bench_label_prop.py"])
+@pytest.mark.parametrize("script", ["eval/run.py", "eval/davis_metrics.py", "eval/bench_label_prop.py"])
 def test_entry_scripts_have_help(script):
     out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "usage" in out.stdout

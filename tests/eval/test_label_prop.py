@@ -135,9 +135,8 @@ def test_first_frame_labels_one_hot_and_void():
     assert labels[2, 0, 0] == 1 and labels[0, 1, 1] == 1   # void counts as background
 
 
-def colour_features(frames: torch.Tensor) -> torch.Tensor:
-    """A stand-in backbone: 8x8 average colour plus a coarse position code, L2-normalised."""
-    x = frames.permute(0, 3, 1, 2).float() / 255
+def colour_features(x: torch.Tensor) -> torch.Tensor:
+    """A stand-in backbone: 8x8 average (normalised) colour plus a coarse position code, L2-normalised."""
     pooled = F.avg_pool2d(x, 8)
     b, _, h, w = pooled.shape
     yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
