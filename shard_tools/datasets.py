@@ -124,6 +124,9 @@ def _resume_point(part: Path, note: Path, url: str, size: int | None) -> tuple[i
         print(f"{part}: a partial download of {previous.get('url')} ({_mb(previous.get('size'))}), not of "
               f"{url} ({_mb(size)}); starting again")
         return 0, None
+    if size is not None and have > size:
+        print(f"{part}: {have} bytes, more than the {size} of the whole file; starting again")
+        return 0, None
     return have, previous.get("validator")
 
 
@@ -225,6 +228,12 @@ def fetch_archive(archive: Archive, url: str, out: Path, quiet: bool) -> Path:
     final = out / archive.file_name
     if not final.exists():
         part = final.with_name(final.name + ".part")
+        if archive.size is not None:  # the archive and its unpacked copy (JPEGs and PNGs barely compress)
+            needed = 2 * archive.size - (part.stat().st_size if part.exists() else 0)
+            free = shutil.disk_usage(out).free
+            if free < needed:
+                raise DataError(f"{out}: {_mb(free)} free, the archive and its unpacked folder need about "
+                                f"{_mb(needed)} more; free some space or choose another --out")
         print(f"downloading {url} ({_mb(archive.size)}) to {part}")
         download(url, part, archive.size, quiet)
         try:
@@ -371,8 +380,7 @@ def check_youtube_vos(src: Path) -> int:
     train = src if (src / "JPEGImages").is_dir() and not (src / "train").is_dir() else src / "train"
     frames_dir = train / "JPEGImages"
     if not frames_dir.is_dir():
-        raise DataError(f"{src}: no {frames_dir.relative_to(src) if train != src else 'JPEGImages'} "
-                        "(train/JPEGImages/<video>/*.jpg, from the YouTube-VOS train.zip)")
+        raise DataError(f"{src}: no {frames_dir.relative_to(src)} (<video>/*.jpg, from the YouTube-VOS train.zip)")
     counts = {p.name: len(list(p.glob("*.jpg"))) for p in sorted(frames_dir.iterdir()) if p.is_dir()}
     videos = [name for name, n in counts.items() if n]
     if not videos:
@@ -437,7 +445,7 @@ def check_kinetics(src: Path, labels: str | None) -> int:
         print(f"warning: {len(skipped)} files will be skipped by pack.py: {reasons}")
     command = ["python", "shard_tools/pack.py", "--kind", "videos", "--src", src]
     command += ["--labels", labels] if labels else []
-    command += ["--out", f"shards/{src.name or 'kinetics'}", "--fps", 30, "--short-side", 256, "--workers", _workers()]
+    command += ["--out", "shards/kinetics", "--fps", 30, "--short-side", 256, "--workers", _workers()]
     print(f"pack it:\n  {_command(*command)}")
     return 0
 

@@ -188,6 +188,14 @@ def test_a_server_file_of_the_wrong_size_is_refused_before_it_is_downloaded(tmp_
     assert list(out.iterdir()) == []
 
 
+def test_too_little_free_disk_is_said_before_anything_is_downloaded(tmp_path, capsys):
+    out = tmp_path / "data"
+    with serve(PAYLOAD) as server:
+        assert run("davis2017", "--out", out, archives=catalogue(server["url"], size=10 ** 15)) == 1
+        assert server["requests"] == []
+    assert "the archive and its unpacked folder need about 2000000000.0 MB more" in one_error_line(capsys)
+
+
 @pytest.mark.parametrize("size_known", [True, False])
 def test_a_truncated_archive_given_by_hand_is_refused(tmp_path, capsys, size_known):
     truncated = tmp_path / ARCHIVE_NAME
