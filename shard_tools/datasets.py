@@ -111,23 +111,23 @@ def _open(url: str, start: int, validator: str | None):
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=NETWORK_TIMEOUT_S)
 
 
-def _resume_point(part: Path, note: Path, url: str, size: int | None) -> tuple[int, str | None]:
-    """Bytes of `part` that belong to this download (0: start again) and the server validator it had."""
+def _resume_point(part: Path, note: Path, url: str, size: int | None) -> tuple[int, dict]:
+    """Bytes of `part` that belong to this download (0: start again) and its note (url, size, validator)."""
     if not part.exists():
-        return 0, None
+        return 0, {}
     have = part.stat().st_size
     previous = json.loads(note.read_text(encoding="utf-8")) if note.exists() else None
     if previous is None:
         print(f"{part}: a partial download of unknown origin (no {note.name}); starting again")
-        return 0, None
+        return 0, {}
     if previous.get("url") != url or (size is not None and previous.get("size") != size):
         print(f"{part}: a partial download of {previous.get('url')} ({_mb(previous.get('size'))}), not of "
               f"{url} ({_mb(size)}); starting again")
-        return 0, None
+        return 0, {}
     if size is not None and have > size:
         print(f"{part}: {have} bytes, more than the {size} of the whole file; starting again")
-        return 0, None
-    return have, previous.get("validator")
+        return 0, {}
+    return have, previous
 
 
 def download(url: str, part: Path, size: int | None, quiet: bool = False) -> None:
@@ -137,16 +137,22 @@ def download(url: str, part: Path, size: int | None, quiet: bool = False) -> Non
     keeping the part and its note for a resume, when the transfer stops early.
     """
     note = part.with_name(part.name + ".json")
-    start, validator = _resume_point(part, note, url, size)
+    start, previous = _resume_point(part, note, url, size)
     if size is not None and start == size:
         return  # complete already: an earlier run stopped between the last byte and the checks
-    response = _open_or_fail(url, start, validator)
-    with response:
+    response = _open_or_fail(url, start, previous.get("validator"))
+    try:
+        total = _total_size(response, url, start, part)
+        if start and response.status == 206 and previous.get("size") not in (None, total):
+            # Without a published size, only the note tells that the server's file changed since.
+            print(f"{url}: the file is now {total} bytes, the part was of {previous['size']}; starting again")
+            response.close()
+            response = _open_or_fail(url, 0, None)
+            start, total = 0, _total_size(response, url, 0, part)
         if start and response.status != 206:
             print(f"{url}: the server sent the whole file instead of the rest (HTTP {response.status}: it "
                   "does not resume downloads); starting again from byte 0")
             start = 0
-        total = _total_size(response, url, start, part)
         if size is not None and total is not None and total != size:
             raise DataError(f"{url} is {total} bytes, expected {size}: not the archive this command expects "
                             "(another file under that name, or an error page); check the URL (--url)")
@@ -154,17 +160,19 @@ def download(url: str, part: Path, size: int | None, quiet: bool = False) -> Non
         note.write_text(json.dumps({"url": url, "size": total if total is not None else size,
                                     "validator": validator}), encoding="utf-8")
         received = start
-        try:
-            with open(part, "ab" if start else "wb") as sink, \
-                    progress(total=total, initial=start, unit="B", unit_scale=True, desc=part.name,
-                             disable=True if quiet else None) as bar:
-                while block := response.read(CHUNK):
-                    sink.write(block)
-                    received += len(block)
-                    bar.update(len(block))
-        except (OSError, http.client.HTTPException) as err:  # timeout, reset: what arrived is kept
-            raise DataError(f"download of {url} failed after {received} bytes ({err}); rerun the same "
-                            f"command to resume (the part is kept in {part})") from None
+        with open(part, "ab" if start else "wb") as sink, \
+                progress(total=total, initial=start, unit="B", unit_scale=True, desc=part.name,
+                         disable=True if quiet else None) as bar:
+            while block := response.read(CHUNK):
+                sink.write(block)
+                received += len(block)
+                bar.update(len(block))
+    except (OSError, http.client.HTTPException) as err:  # timeout, reset: what arrived is kept
+        got = part.stat().st_size if part.exists() else 0
+        raise DataError(f"download of {url} failed after {got} bytes ({err}); rerun the same command to "
+                        f"resume (the part is kept in {part})") from None
+    finally:
+        response.close()
     # http.client does not raise when the connection closes before Content-Length is reached.
     if total is not None and received != total:
         raise DataError(f"download of {url} stopped at {received} of {total} bytes; rerun the same command "

@@ -47,7 +47,7 @@ def serve(payload: bytes, name: str = ARCHIVE_NAME):
     """Serve `payload` at http://127.0.0.1:<port>/<name>. The returned state switches the server's
     behaviour between requests: `ranges` (honour Range headers), `cut_at` (close the connection once
     this byte of the file is sent, Content-Length still announcing the whole). `requests` logs each
-    request as (Range header, bytes sent)."""
+    request as (Range header, bytes it sends)."""
     state = {"ranges": True, "cut_at": None, "requests": []}
 
     class Handler(BaseHTTPRequestHandler):
@@ -64,8 +64,8 @@ def serve(payload: bytes, name: str = ARCHIVE_NAME):
             self.send_header("Content-Length", str(len(payload) - start))
             self.end_headers()
             body = payload[start:state["cut_at"]] if state["cut_at"] else payload[start:]
-            self.wfile.write(body)
             state["requests"].append((asked, len(body)))
+            self.wfile.write(body)
 
         def log_message(self, *args):
             pass
@@ -168,6 +168,19 @@ def test_a_partial_download_of_something_else_is_restarted_and_said_so(tmp_path,
         assert server["requests"] == [(None, len(PAYLOAD))]  # no Range: nothing of the old part is kept
     expected = "a partial download of http://mirror.example/" if note else "a partial download of unknown origin"
     assert expected in capsys.readouterr().out and (out / ARCHIVE_NAME).read_bytes() == PAYLOAD
+
+
+def test_a_part_of_a_file_that_changed_size_on_the_server_is_restarted(tmp_path, capsys):
+    """No published size (the unsupervised archive): the note's size is what tells the file changed."""
+    out = tmp_path / "data"
+    out.mkdir()
+    with serve(PAYLOAD) as server:
+        (out / (ARCHIVE_NAME + ".part")).write_bytes(PAYLOAD[:100])
+        (out / (ARCHIVE_NAME + ".part.json")).write_text(json.dumps({"url": server["url"], "size": 999_999}))
+        assert run("davis2017", "--out", out, archives=catalogue(server["url"], payload=None)) == 0
+        assert server["requests"] == [("bytes=100-", len(PAYLOAD) - 100), (None, len(PAYLOAD))]
+    assert f"the file is now {len(PAYLOAD)} bytes, the part was of 999999; starting again" in capsys.readouterr().out
+    assert (out / ARCHIVE_NAME).read_bytes() == PAYLOAD
 
 
 def test_a_wrong_checksum_deletes_the_download_and_leaves_nothing_unpacked(tmp_path, capsys):
