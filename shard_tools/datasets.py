@@ -17,7 +17,7 @@ when it does not or when the part belongs to another URL or size. Two parts are 
 download whose checksum is wrong is deleted. The checksums: DAVIS publishes none. The trainval archive's
 size and SHA-256 are the ones TensorFlow Datasets recorded for the same URL; for the unsupervised
 archive no source records either, so the SHA-256 of its first complete download is written to
-`<archive>.sha256` and every later run checks the archive against that record.
+`<archive>.sha256` and every later run, or new download, is checked against that record.
 
 YouTube-VOS, Kinetics and Walking Tours are not downloaded by this tool (YouTube-VOS needs a CodaLab
 login, Kinetics comes from YouTube, Walking Tours from its authors): point --src at the folder you
@@ -214,15 +214,14 @@ def _checksum_record(archive_path: Path) -> Path:
     return archive_path.with_name(archive_path.name + ".sha256")
 
 
-def verify(path: Path, archive: Archive) -> str:
-    """Check `path`'s size and SHA-256 against the catalogue (or the recorded first download); returns
-    the SHA-256. Raises DataError naming the file."""
+def verify(path: Path, archive: Archive, record: Path) -> str:
+    """Check `path`'s size and SHA-256 against the catalogue, or where it has none against `record`
+    (the first download's, when there was one); returns the SHA-256. Raises DataError naming the file."""
     got_size = path.stat().st_size
     if archive.size is not None and got_size != archive.size:
         raise DataError(f"{path} is {got_size} bytes, expected {archive.size} ({archive.file_name}, "
                         f"{archive.checksum_source}): truncated or another file")
     digest = sha256_file(path)
-    record = _checksum_record(path)
     expected, source = archive.sha256, archive.checksum_source
     if expected is None and record.exists():
         expected, source = record.read_text(encoding="utf-8").split()[0], f"recorded in {record}"
@@ -245,7 +244,7 @@ def fetch_archive(archive: Archive, url: str, out: Path, quiet: bool) -> Path:
         print(f"downloading {url} ({_mb(archive.size)}) to {part}")
         download(url, part, archive.size, quiet)
         try:
-            digest = verify(part, archive)
+            digest = verify(part, archive, _checksum_record(final))
         except DataError as err:  # a complete but wrong file: resuming it cannot help
             part.unlink()
             part.with_name(part.name + ".json").unlink(missing_ok=True)
@@ -258,7 +257,7 @@ def fetch_archive(archive: Archive, url: str, out: Path, quiet: bool) -> Path:
             print(f"{final}: no published checksum; recorded its sha256 {digest} in {_checksum_record(final)}")
         return final
     try:
-        verify(final, archive)
+        verify(final, archive, _checksum_record(final))
     except DataError as err:
         raise DataError(f"{err}; delete it and rerun to download it again") from None
     print(f"{final}: already downloaded, size and checksum match")
@@ -313,8 +312,8 @@ def unpack(archive_path: Path, archive: Archive, out: Path) -> dict:
             raise DataError(f"{archive_path}: not a complete zip archive ({err}); download it again") from None
         root = staging / archive.top
         if not root.is_dir():
-            found = ", ".join(sorted(p.name for p in staging.iterdir())) or "nothing"
-            raise DataError(f"{archive_path}: expected a top folder {archive.top}/, found {found}")
+            found = ", ".join(sorted(p.name for p in staging.iterdir())) if staging.exists() else ""
+            raise DataError(f"{archive_path}: expected a top folder {archive.top}/, found {found or 'nothing'}")
         counts = check_davis(root, archive.masks, shown_as=f"{archive_path} ({archive.top}/)")
         os.replace(root, out / archive.folder)
         return counts
@@ -352,7 +351,7 @@ def prepare_davis(name: str, archive: Archive, args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.archive:
         try:
-            digest = verify(source, archive)
+            digest = verify(source, archive, _checksum_record(source))
         except DataError as err:
             raise DataError(f"{err}: not {archive.file_name}, or damaged; download it again") from None
         print(f"{source}: size and checksum match" if archive.sha256 else f"{source}: sha256 {digest} "

@@ -260,6 +260,12 @@ def test_unsupervised_records_the_first_checksum_and_checks_the_archive_against_
     assert run("davis2017-unsupervised", "--out", out, archives=archives) == 1
     line = one_error_line(capsys)
     assert f"{out / name}: sha256 " in line and f"expected {digest} (recorded in {out / name}.sha256)" in line
+    (out / name).unlink()  # a new download is checked against the record too, not recorded afresh
+    with serve(bytes(damaged), name) as server:
+        archives = {"davis2017-unsupervised": dataclasses.replace(archives["davis2017-unsupervised"],
+                                                                  url=server["url"])}
+        assert run("davis2017-unsupervised", "--out", out, archives=archives) == 1
+    assert f"expected {digest} (recorded in {out / name}.sha256); deleted the download" in one_error_line(capsys)
 
 
 def test_dry_run_says_what_and_how_big_and_touches_nothing(tmp_path, capsys):
