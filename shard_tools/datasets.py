@@ -63,7 +63,7 @@ class Archive:
     top: str                # the archive's top folder
     folder: str             # what that folder is renamed to under --out
     masks: str              # the annotation folder of the layout (next to JPEGImages)
-    eval_command: str       # how eval/run.py scores on it (the DATA placeholder is the folder)
+    next_commands: tuple[str, ...]  # what to run on the unpacked folder (DATA stands for it)
 
     @property
     def file_name(self) -> str:
@@ -77,13 +77,16 @@ ARCHIVES = {
         checksum_source="as recorded by TensorFlow Datasets (tensorflow_datasets/video/davis/checksums.tsv); "
                         "DAVIS publishes no checksum",
         top="DAVIS", folder="DAVIS", masks="Annotations",
-        eval_command="python eval/run.py labelprop --ckpt RUN --data DATA"),
+        next_commands=("python shard_tools/pack.py --kind frames --src DATA --subset DATA/ImageSets/2017/val.txt "
+                       "--out shards/davis-val",
+                       "python eval/run.py labelprop --ckpt RUN --data DATA")),
     "davis2017-unsupervised": Archive(
         url=DAVIS_SITE + "DAVIS-2017-Unsupervised-trainval-480p.zip", size=None, sha256=None,
         checksum_source="none published: the SHA-256 of the first complete download is recorded in "
                         "<archive>.sha256 and later runs are checked against it",
         top="DAVIS", folder="DAVIS-unsupervised", masks="Annotations_unsupervised",
-        eval_command="python eval/run.py discovery --ckpt RUN --data DATA"),
+        # pack.py keeps Annotations/ only: discovery reads the unsupervised masks from the folder itself
+        next_commands=("python eval/run.py discovery --ckpt RUN --data DATA",)),
 }
 
 
@@ -321,14 +324,11 @@ def unpack(archive_path: Path, archive: Archive, out: Path) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def prepare_davis(name: str, archive: Archive, args: argparse.Namespace) -> int:
+def prepare_davis(archive: Archive, args: argparse.Namespace) -> int:
     out = Path(args.out)
     url = args.url or archive.url
     dest = out / archive.folder
-    pack_command = _command("python", "shard_tools/pack.py", "--kind", "frames", "--src", dest, "--subset",
-                            dest / "ImageSets" / "2017" / "val.txt", "--out", f"shards/{name}-val")
-    next_steps = (f"next: pack the val set for evaluation:  {pack_command}\n"
-                  f"      or score on the folder directly:  {archive.eval_command.replace('DATA', shlex.quote(str(dest)))}")
+    next_steps = "next:\n" + "\n".join(f"  {c.replace('DATA', shlex.quote(str(dest)))}" for c in archive.next_commands)
     if dest.exists():
         try:
             counts = check_davis(dest, archive.masks)
@@ -476,7 +476,8 @@ def check_walking_tours(src: Path) -> int:
     if problems:
         print(f"warning: {len(problems)} videos do not open and will be skipped: {_list(problems)}")
     command = _command("python", "shard_tools/pack.py", "--kind", "long", "--src", src, "--out", "shards/wt",
-                       "--clip-seconds", 10, "--fps", 10, "--short-side", 360, "--workers", min(_workers(), len(durations)))
+                       "--clip-seconds", 10, "--fps", 10, "--short-side", 360,
+                       "--workers", min(_workers(), len(durations)))
     print(f"pack it (10 s segments; for DoRA use --clip-seconds 60, see docs/data.md):\n  {command}")
     return 0
 
@@ -548,7 +549,7 @@ def main(argv: list[str] | None = None, archives: dict[str, Archive] = ARCHIVES)
         return fail(problem)
     try:
         if args.collection in archives:
-            return prepare_davis(args.collection, archives[args.collection], args)
+            return prepare_davis(archives[args.collection], args)
         if args.collection == "youtube-vos":
             return check_youtube_vos(Path(args.src))
         if args.collection == "kinetics":

@@ -120,7 +120,10 @@ def test_download_checks_unpacks_reports_and_a_rerun_downloads_nothing(tmp_path,
         record = (out / (ARCHIVE_NAME + ".sha256")).read_text()
         assert record == f"{hashlib.sha256(PAYLOAD).hexdigest()}  {ARCHIVE_NAME}\n"
         assert sorted(p.name for p in out.iterdir()) == ["DAVIS", ARCHIVE_NAME, ARCHIVE_NAME + ".sha256"]
-        pack_accepts(printed.split("evaluation:", 1)[1].splitlines()[0])
+        [pack_command] = [line for line in printed.splitlines() if "shard_tools/pack.py" in line]
+        assert f"--src {out / 'DAVIS'} --subset {out / 'DAVIS'}/ImageSets/2017/val.txt" in pack_command
+        pack_accepts(pack_command)
+        assert f"  python eval/run.py labelprop --ckpt RUN --data {out / 'DAVIS'}" in printed
         assert run("davis2017", "--out", out, archives=archives) == 0
         assert "already prepared: 2 sequences" in capsys.readouterr().out
         assert len(server["requests"]) == 1
@@ -251,7 +254,11 @@ def test_unsupervised_records_the_first_checksum_and_checks_the_archive_against_
                                                                   url=server["url"])}
         assert run("davis2017-unsupervised", "--out", out, archives=archives) == 0
     digest = hashlib.sha256(payload).hexdigest()
-    assert f"no published checksum; recorded its sha256 {digest}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"no published checksum; recorded its sha256 {digest}" in printed
+    # pack.py keeps only Annotations/: the unsupervised masks are scored from the folder itself
+    assert f"python eval/run.py discovery --ckpt RUN --data {out / 'DAVIS-unsupervised'}" in printed
+    assert "pack.py" not in printed
     assert (out / "DAVIS-unsupervised" / "Annotations_unsupervised" / "480p" / "dog").is_dir()
     damaged = bytearray(payload)
     damaged[100] ^= 0xFF
