@@ -222,8 +222,7 @@ def verify(path: Path, archive: Archive, record: Path) -> str:
     (the first download's, when there was one); returns the SHA-256. Raises DataError naming the file."""
     got_size = path.stat().st_size
     if archive.size is not None and got_size != archive.size:
-        raise DataError(f"{path} is {got_size} bytes, expected {archive.size} ({archive.file_name}, "
-                        f"{archive.checksum_source}): truncated or another file")
+        raise DataError(f"{path} is {got_size} bytes, expected {archive.size}")
     digest = sha256_file(path)
     expected, source = archive.sha256, archive.checksum_source
     if expected is None and record.exists():
@@ -353,7 +352,7 @@ def prepare_davis(archive: Archive, args: argparse.Namespace) -> int:
         try:
             digest = verify(source, archive, _checksum_record(source))
         except DataError as err:
-            raise DataError(f"{err}: not {archive.file_name}, or damaged; download it again") from None
+            raise DataError(f"{err}: truncated, damaged or not {archive.file_name}; download it again") from None
         print(f"{source}: size and checksum match" if archive.sha256 else f"{source}: sha256 {digest} "
               "(no published checksum to compare with)")
     else:
@@ -383,7 +382,7 @@ def _list(names: list[str], limit: int = 3) -> str:
 
 def check_youtube_vos(src: Path) -> int:
     """YouTube-VOS: `train/JPEGImages/<video>/*.jpg`, `train/Annotations/<video>/*.png`, `train/meta.json`
-    (and `train_all_frames/JPEGImages`, `valid/` when downloaded)."""
+    (and `train_all_frames/JPEGImages` when downloaded)."""
     train = src if (src / "JPEGImages").is_dir() and not (src / "train").is_dir() else src / "train"
     frames_dir = train / "JPEGImages"
     if not frames_dir.is_dir():
