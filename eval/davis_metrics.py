@@ -278,6 +278,7 @@ def per_object_table(scores: list[SequenceScores]) -> list[dict]:
 def write_csvs(scores: list[SequenceScores], out_dir: str | Path, subset: str = "val") -> tuple[Path, Path]:
     """Toolkit-named CSVs (always rewritten, unlike the toolkit, which silently reuses old ones)."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # --out may name a folder that does not exist yet
     global_path = out_dir / f"global_results-{subset}.csv"
     sequence_path = out_dir / f"per-sequence_results-{subset}.csv"
     table = global_table(scores)
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                              "all frames, void ignored, one Hungarian matching per sequence (<= 20 proposals)")
     parser.add_argument("--set", default="val", help="subset: reads ImageSets/2017/<set>.txt (every masked "
                                                      "sequence when that file is missing)")
-    parser.add_argument("--out", default=None, help="where the CSVs go (default: the results folder)")
+    parser.add_argument("--out", default=None, help="where the CSVs go, created if missing (default: the results folder)")
     args = parser.parse_args(argv)
     scores = evaluate_folder(args.davis, args.results, subset=args.set, task=args.task)
     table = global_table(scores)

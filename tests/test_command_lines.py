@@ -1,5 +1,5 @@
 """The entry points' front door: a bad call is one `error: ...` line, exit status 2, nothing written,
-and train/run.py, eval/run.py and pack.py decide it before importing torch; --help shows the defaults that apply."""
+and train/run.py, eval/run.py, pack.py and datasets.py decide it before importing torch; --help shows the defaults that apply."""
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +105,29 @@ def test_pack_bad_source_is_one_line(tmp_path):
                 cwd=tmp_path)
     assert_one_line_usage_error(proc, "--src", "is not a folder")
     assert proc.stdout.strip() == "torch not imported" and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["no --out", "typo", "no such archive", "archive and url", "ftp url",
+                                  "no such src", "official kinetics csv"])
+def test_datasets_usage_errors_are_one_line_before_torch_and_leave_nothing(case, tmp_path):
+    out, missing = tmp_path / "data", tmp_path / "missing"
+    official = tmp_path / "train.csv"
+    official.write_text("label,youtube_id,time_start,time_end,split\n")
+    args, expected = {
+        "no --out": (["davis2017"], ["the following arguments are required: --out"]),
+        "typo": (["davis2017", "--out", out, "--dryrun"], ["--dryrun; did you mean --dry-run?"]),
+        "no such archive": (["davis2017", "--out", out, "--archive", missing], [f"--archive {missing}: no such file"]),
+        "archive and url": (["davis2017", "--out", out, "--archive", official, "--url", "https://mirror/x.zip"],
+                            ["--archive and --url exclude each other"]),
+        "ftp url": (["davis2017-unsupervised", "--out", out, "--url", "ftp://mirror/x.zip"], ["http:// or https://"]),
+        "no such src": (["youtube-vos", "--src", missing], [f"--src {missing} is not a folder"]),
+        "official kinetics csv": (["kinetics", "--src", tmp_path, "--labels", official],
+                                  ["the official Kinetics annotation CSV", "docs/data.md"]),
+    }[case]
+    proc = call("shard_tools/datasets.py", *args, cwd=tmp_path)
+    assert_one_line_usage_error(proc, *expected)
+    assert proc.stdout.strip() == "torch not imported"
+    assert not out.exists()
 
 
 def test_train_help_shows_the_methods_yaml_defaults(tmp_path):

@@ -171,6 +171,18 @@ def test_cli_prints_table_and_writes_csvs(tmp_path, capsys):
         assert [r["Sequence"] for r in csv.DictReader(handle)] == ["one_1", "two_1", "two_2"]
 
 
+def test_cli_out_creates_a_folder_that_does_not_exist_yet(tmp_path):
+    sequences = make_sequences()
+    davis = write_davis_folder(tmp_path / "davis", sequences)
+    for name, (_, masks) in sequences.items():
+        for t, mask in enumerate(masks):
+            write_mask(tmp_path / "res" / name / f"{t:05d}.png", mask)
+    out = tmp_path / "scores" / "davis-val"
+    dm.main(["--davis", str(davis), "--results", str(tmp_path / "res"), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["global_results-val.csv", "per-sequence_results-val.csv"]
+    assert not (tmp_path / "res" / "global_results-val.csv").exists()
+
+
 def test_unsupervised_matching_is_one_per_sequence():
     rng = np.random.default_rng(1)
     gt = np.zeros((5, 32, 32), np.uint8)
