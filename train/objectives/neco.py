@@ -279,7 +279,7 @@ class NeCoConfig:
     """Colour-jitter strengths (the reference's jitter_strength 1.0), applied with p 0.8."""
     frames: int = 1
     """1: image mode (the paper). 2: a video variant, the crops alternate between frames t and t + frame_stride
-    of one clip (global crop g and local crop l from frame g % 2, l % 2), overlaps taken in frame pixels."""
+    of one clip (global crop g and local crop l from frame g mod 2, l mod 2), overlaps taken in frame pixels."""
     frame_stride: int = 30
     """Gap in packed frames between the two frames of the video variant (1 s at 30 fps)."""
     grad_checkpointing: bool = True
