@@ -52,6 +52,34 @@ def random_resized_boxes(rng: np.random.Generator, width: int, height: int, scal
     return boxes
 
 
+def enforce_overlap(rng: np.random.Generator, boxes: np.ndarray, global_crops: int, width: int, height: int,
+                    scales: tuple[tuple[float, float], tuple[float, float]], ratio: tuple[float, float],
+                    min_overlap: float, attempts: int = 100) -> np.ndarray:
+    """Redraw crops until each overlaps every global crop before it (NeCo's transform, in order).
+
+    ``boxes`` (G + L, 4) in region pixels, globals first. Crop i > 0 must share more than
+    ``int(min_overlap * width * height)`` pixels (twice that when it is a global crop) with each of the
+    global crops 0 .. min(i, G) - 1; it is redrawn with its own scale (``scales``: global, local) until it
+    does. NeCo redraws forever; after ``attempts`` this takes the first global crop's box, which meets
+    the rule by construction (with tiny regions only).
+    """
+    need = int(width * height * min_overlap)
+    boxes = boxes.copy()
+    for i in range(1, len(boxes)):
+        earlier = boxes[:min(i, global_crops)]
+        threshold = need * 2 if i < global_crops else need
+        scale = scales[0] if i < global_crops else scales[1]
+        for _ in range(attempts):
+            x0, y0 = np.maximum(earlier[:, 0], boxes[i, 0]), np.maximum(earlier[:, 1], boxes[i, 1])
+            x1, y1 = np.minimum(earlier[:, 2], boxes[i, 2]), np.minimum(earlier[:, 3], boxes[i, 3])
+            if np.all(np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None) > threshold):
+                break
+            boxes[i] = random_resized_boxes(rng, width, height, scale, ratio, 1)[0]
+        else:
+            boxes[i] = boxes[0]
+    return boxes
+
+
 def draw_color(rng: np.random.Generator, shape: tuple[int, ...], jitter: tuple[float, float, float, float],
                p_jitter: float, p_gray: float, p_blur: np.ndarray | float,
                p_solarize: np.ndarray | float) -> np.ndarray:
@@ -122,6 +150,11 @@ def draw(spec: ViewSpec, rng: np.random.Generator, width: int, height: int, nfra
         per_frame = spec.frames if spec.per_frame_local_boxes else 1
         local = random_resized_boxes(rng, x1 - x0, y1 - y0, spec.local_scale, spec.ratio,
                                      spec.local_crops * per_frame).reshape(spec.local_crops, per_frame, 4) + offset
+        if spec.min_overlap > 0:  # NeCo: every pair of a global crop and another crop overlaps
+            drawn = enforce_overlap(rng, np.concatenate([regional, local[:, 0] - offset]), spec.global_crops,
+                                    x1 - x0, y1 - y0, (spec.global_scale, spec.local_scale), spec.ratio,
+                                    spec.min_overlap)
+            regional, local = drawn[:spec.global_crops], drawn[spec.global_crops:, None] + offset
         params["box"] = np.concatenate([regional + offset, local[:, 0]])
         if spec.per_frame_local_boxes:
             params["local_box"] = local

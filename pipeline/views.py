@@ -10,7 +10,11 @@ crop-resize calls followed by flips and colour (`pipeline.color`):
 * multicrop (DINO, DoRA, SelfPatch): G + L boxes per clip, each shared by the T frames, drawn inside
   an optional clip-level region (`size` set: DoRA's first crop) -> `global` (B, G, T, 3, Sg, Sg) and
   `local` (B, L, T, 3, Sl, Sl). With `per_frame_local_boxes` (DoRA) every frame of a local crop has
-  its own box inside the region.
+  its own box inside the region. With `min_overlap` > 0 (NeCo) every crop after the first overlaps
+  each global crop drawn before it by more than that fraction of the region's area (twice that
+  between global crops), and with `boxes` the batch also carries `boxes` (B, G + L, 4) float32, each
+  view's box in frame pixels (x0, y0, x1, y1), and `flip` (B, G + L) bool, so an objective can map
+  the views' overlaps onto their patch grids.
 * grid (CRW): one box per clip resized to `size` (256), then a grid of `patch_size` windows at
   `patch_stride`, each with its own random-resized-crop jitter, flip and colour, drawn independently
   per frame and patch as in videowalk -> `patches` (B, T, N, 3, P, P).
@@ -61,6 +65,9 @@ class ViewSpec:
     per_frame_local_boxes: multicrop: draw every local crop's box independently per frame (DoRA's
         local crops), instead of one box shared by the clip's frames.
     color_draws: clip family: independent colour draws of the one crop (SMTC: 2, student and teacher).
+    min_overlap: multicrop: least overlap of every crop with each earlier global crop, as a fraction of
+        the region's area (doubled between global crops); crops are redrawn until they meet it (NeCo 0.01).
+    boxes: multicrop: also return each view's box and flip flag (`boxes`, `flip`) in the batch.
     patch_size, patch_stride, patch_scale: CRW grid; N = ((size - P) // stride + 1) ** 2 patches.
     mean, std: normalisation applied last.
     """
@@ -84,6 +91,8 @@ class ViewSpec:
     per_frame_local_boxes: bool = False
     first_global_blur: float = 1.0
     color_draws: int = 1
+    min_overlap: float = 0.0
+    boxes: bool = False
     patch_size: int = 64
     patch_stride: int = 32
     patch_scale: tuple[float, float] = (0.7, 0.9)
@@ -100,6 +109,10 @@ class ViewSpec:
         if self.color_draws < 1 or (self.color_draws > 1 and (self.family != "clip" or not self.color)):
             raise ValueError(f"ViewSpec color_draws={self.color_draws}: must be >= 1, and > 1 only for the "
                              "clip family with color=True")
+        if (self.min_overlap or self.boxes) and (self.family != "multicrop" or self.per_frame_local_boxes):
+            raise ValueError("ViewSpec min_overlap / boxes: only for the multicrop family with one box per view")
+        if not 0.0 <= self.min_overlap < 0.5:
+            raise ValueError(f"ViewSpec min_overlap={self.min_overlap}: must be in [0, 0.5)")
         if self.family == "grid" and self.grid_side < 1:
             raise ValueError(f"ViewSpec grid: patch_size {self.patch_size} does not fit in size {self.out_size}")
 
@@ -206,6 +219,9 @@ def render(frames: torch.Tensor, params: dict[str, torch.Tensor], spec: ViewSpec
     V, K = spec.num_views, spec.color_draws
     frame_ids = clip_frames.expand(B, V, T).reshape(B * V, T)
     boxes = params["box"].long()                            # (B, V, 4)
+    if spec.boxes:
+        batch["boxes"] = params["box"].to(torch.float32)
+        batch["flip"] = params["flip"].bool()
     color = params["color"].expand(B, V * K, T, -1) if params["color"].shape[2] == 1 else params["color"]
     groups = ([("clip", 0, 1, spec.out_size)] if spec.family == "clip" else
               [("global", 0, spec.global_crops, spec.global_size),

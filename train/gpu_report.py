@@ -67,6 +67,9 @@ DRY_RUN_OVERRIDES = {
     "smtc": ["--model.arch", "vit_tiny_patch16", "--smtc.size", "32", "--smtc.num_slots", "4",
              "--smtc.num_instances", "2", "--smtc.clip_len", "3", "--smtc.frame_stride", "1",
              "--optim.backbone_frozen_steps", "0", "--optim.backbone_lr_mult", "1"],  # the encoder moves in 2 steps
+    # 2 x 2 patches per local crop, 2 x 2 aligned patches per pair (sorting networks of 4)
+    "neco": ["--model.arch", "vit_tiny_patch16", "--neco.global_size", "48", "--neco.local_size", "32",
+             "--neco.local_crops", "2", "--neco.roi_size", "2", "--neco.proj_dim", "16", "--neco.proj_hidden_dim", "32"],
 }
 STAGE_HINT = "stage the GPU wheels with `bash ../shared/gpu/stage.sh` (docs/benchmarks.md)"
 

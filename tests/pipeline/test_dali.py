@@ -69,3 +69,15 @@ def test_dali_missing_component_names_shard_and_key(tmp_path):
     path = write_dataset(tmp_path / "gap", [("ok_v0_00000", ramp_members(6, 0), 6), ("gap_00000", gap, 6)])
     with pytest.raises(SampleError, match=r"gap_00000 has no 'f002.jpg' member"):
         _batches(path, "dali", n=1, spec=ViewSpec(family="clip", frames=6, size=8), batch_size=2)
+
+
+def test_dali_cpu_gives_neco_boxes_like_the_fallback(jpeg_shards):
+    """NeCo's views: the same boxes and flips from both backends (they travel in the packed rows)."""
+    spec = ViewSpec(family="multicrop", frames=1, global_size=32, local_size=16, local_crops=2, min_overlap=0.01,
+                    boxes=True, flip=True)
+    _, dali = _batches(jpeg_shards, "dali", spec=spec)
+    _, cpu = _batches(jpeg_shards, "cpu", spec=spec)
+    for a, b in zip(dali, cpu):
+        assert a["boxes"].shape == (3, 4, 4) and torch.equal(a["boxes"].cpu(), b["boxes"])
+        assert torch.equal(a["flip"].cpu(), b["flip"])
+        assert (a["global"] - b["global"]).abs().max() < 0.05

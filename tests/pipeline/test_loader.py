@@ -129,3 +129,17 @@ def test_dali_graph_runs_on_the_gpu_the_device_names(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert dali_device_id("cuda:1") == 1
     assert dali_device_id("cuda") == 0
+
+
+def test_neco_views_carry_their_boxes_and_flips(jpeg_shards):
+    """The CPU path's batch has each view's box (frame pixels) and flip; with flips off and a box of a
+    whole frame, that view is the resized frame, so the boxes are the ones the renderer used."""
+    spec = ViewSpec(family="multicrop", frames=1, global_crops=2, global_size=32, global_scale=(1.0, 1.0),
+                    ratio=(0.1, 10.0), local_crops=2, local_size=16, min_overlap=0.01, boxes=True, flip=False,
+                    color=False)
+    batch, = _take(build_loader(_cfg(jpeg_shards), spec, 0, 1), 1)
+    assert batch["boxes"].shape == (3, 4, 4) and batch["boxes"].dtype == torch.float32
+    assert batch["flip"].shape == (3, 4) and not batch["flip"].any()
+    x0, y0, x1, y1 = batch["boxes"][:, :2].unbind(-1)
+    assert (x0 == 0).all() and (y0 == 0).all()          # scale 1 with any aspect: the whole frame
+    torch.testing.assert_close(batch["global"][:, 0], batch["global"][:, 1])

@@ -103,3 +103,41 @@ def test_per_frame_local_boxes_differ_across_frames_inside_the_region():
     assert (lo >= 0).all() and hi[0] <= 640 and hi[1] <= 360
     unpacked = P.unpack(spec, torch.from_numpy(P.pack(spec, drawn))[None])["local_box"]
     assert torch.equal(unpacked[0], torch.from_numpy(drawn["local_box"]).double())
+
+
+def _intersection(a, b):
+    w = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
+    h = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
+    return np.clip(w, 0, None) * np.clip(h, 0, None)
+
+
+def test_neco_crops_overlap_every_earlier_global_crop_by_the_minimum():
+    """NeCo's transform: crop i overlaps globals 0..min(i, G)-1 by > 1 % of the frame (2 % between globals);
+    without the rule, the same scales often give disjoint pairs, so the rule does the work."""
+    kw = dict(family="multicrop", frames=1, global_crops=2, global_scale=(0.25, 1.0), local_crops=4,
+              local_scale=(0.05, 0.25), flip=False)
+    need = int(640 * 360 * 0.01)
+    disjoint = 0
+    for seed in range(200):
+        box = P.draw(ViewSpec(**kw, min_overlap=0.01), np.random.default_rng(seed), 640, 360, 10, 0, 0)["box"]
+        _check_boxes(box[2:], 640, 360, (0.05, 0.25), (3 / 4, 4 / 3))
+        assert _intersection(box[1], box[0]) > 2 * need
+        assert (_intersection(box[2:, None], box[None, :2]) > need).all()
+        free = P.draw(ViewSpec(**kw), np.random.default_rng(seed), 640, 360, 10, 0, 0)["box"]
+        disjoint += int((_intersection(free[2:, None], free[None, :2]) <= need).any())
+    assert disjoint > 20
+
+
+def test_overlap_rule_falls_back_to_the_first_global_box():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [90, 90, 100, 100]])
+    # a 100 x 100 region with tiny local scales can never reach 50 % overlap: the first box is taken
+    out = P.enforce_overlap(np.random.default_rng(0), boxes, 2, 100, 100, ((0.01, 0.01), (0.01, 0.01)),
+                            (1.0, 1.0), 0.4, attempts=5)
+    assert out[2].tolist() == [0, 0, 10, 10] and boxes[2].tolist() == [90, 90, 100, 100]
+
+
+def test_boxes_and_overlap_need_the_multicrop_family():
+    with pytest.raises(ValueError, match="multicrop"):
+        ViewSpec(family="clip", boxes=True)
+    with pytest.raises(ValueError, match="min_overlap"):
+        ViewSpec(family="multicrop", min_overlap=0.6)

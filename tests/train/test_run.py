@@ -31,11 +31,12 @@ LOGGED = {
     "selfpatch": ({"cls_loss", "patch_loss", "teacher_patch_entropy", "momentum", "teacher_temp"}, "teacher."),
     "dora": ({"teacher_entropy", "feature_std", "momentum", "teacher_temp", "wd", "mask_fraction"}, "teacher."),
     "smtc": ({"diversity", "consistency", "instance", "valid_fraction", "backbone_lr"}, "student.encoder."),
+    "neco": ({"teacher_rank_entropy", "feature_std", "momentum", "backbone_lr"}, "student."),
 }
 HEADS = {"smtc": ["slots.safetensors"]}
 SAVED = {"crw": ("patch_size", 16), "dino": ("out_dim", 64), "timet": ("num_prototypes", 8),
          "selfpatch": ("patch_out_dim", 32), "dora": ("out_dim", 64),
-         "smtc": ("num_slots", 4)}
+         "smtc": ("num_slots", 4), "neco": ("roi_size", 2)}
 
 
 def argv(method, data, out, steps, *extra):
@@ -100,6 +101,8 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path, capsys
     ("dora", "long_shards", ()),
     # SMTC: the backbone's LR is 0 for the first 3 steps (grad_iter), so the resume crosses the switch
     ("smtc", "jpeg_shards", ("--optim.backbone_frozen_steps", "3", "--optim.warmup_epochs", "0")),
+    # NeCo: its queue (filled from step 1) and the teacher replay; the references are drawn with torch's RNG
+    ("neco", "jpeg_shards", ("--neco.queue_size", "64")),
 ])
 def test_resumed_from_a_checkpoint_equals_uninterrupted(method, shards, extra, request, tmp_path):
     """4 steps straight vs 2 steps + resume: bit-identical weights, optimiser state and EMA teacher
@@ -351,3 +354,29 @@ def test_timet_trains_two_steps_from_an_official_dinov2_checkpoint(jpeg_shards, 
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     exported = models.io.load_backbone(out / "backbone.safetensors")
     assert exported.num_prefix_tokens == 5  # CLS + 4 registers survive the export
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,official", [("vit_small_patch14_reg4_dinov2", "dinov2_reg4"),
+                                           ("vit_small_patch16", "dino")])
+def test_neco_trains_two_steps_from_an_official_checkpoint(arch, official, jpeg_shards, tmp_path, capsys):
+    """--model.init from an official-layout DINOv2 ViT-S/14-reg4 and a DINO ViT-S/16 file (random weights)."""
+    if official == "dino":
+        from tests.train.test_finetune import pretrained  # dino_deitsmall16_pretrain.pth's layout
+
+        state, sizes = pretrained("vit_small_patch16"), ["--neco.global_size", "32", "--neco.local_size", "16"]
+    else:
+        from tests.models.dinov2_checkpoints import official_dinov2_state
+
+        state, sizes = official_dinov2_state("small", 4), ["--neco.global_size", "28", "--neco.local_size", "14"]
+    init = tmp_path / f"{official}.pth"
+    torch.save(state, init)
+    out = tmp_path / "run"
+    assert run.main(argv("neco", jpeg_shards, out, 2, "--model.arch", arch, "--model.init", str(init), *sizes)) == 0
+    assert f"backbone from {init}" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    exported = models.io.load_backbone(out / "backbone.safetensors")
+    assert exported.num_prefix_tokens == (5 if official == "dinov2_reg4" else 1)
+    loaded = models.io.load_backbone(out / "init" / "backbone.safetensors").state_dict()
+    assert torch.equal(loaded["blocks.0.attn.qkv.weight"].float(), state["blocks.0.attn.qkv.weight"].float())
