@@ -121,9 +121,9 @@ def ref_knn_loss(gc_teacher, gc_student, lc_student, bboxes, bs, gc_res, lc_res,
 def overlapping_boxes(seed, n, G, frame=(300, 200)):
     """(n, V, 4) integer crop boxes whose globals overlap every other crop (the pipeline's rule)."""
     from pipeline.params import draw
-    from pipeline.views import ViewSpec
+    from pipeline.views import MulticropViews
 
-    spec = ViewSpec(family="multicrop", frames=1, global_crops=G, local_crops=2, min_overlap=0.05, boxes=True)
+    spec = MulticropViews(frames=1, global_crops=G, local_crops=2, min_overlap=0.05, boxes=True)
     return torch.tensor(np.stack([draw(spec, np.random.default_rng(seed + i), *frame, 5, 0, 0)["box"]
                                   for i in range(n)]), dtype=F64)
 
