@@ -205,10 +205,11 @@ class MulticropViews(CropViews):
     region: draw the crops inside a clip-level region drawn with `scale` / `ratio` (DoRA's 300 px crop:
         only its box matters, the crops are resized from the frame) instead of the whole frame.
     global_*, local_*: counts, output sides and area ranges (relative to the region).
-    color: DINO's recipe: globals alternate blur `first_global_blur` / 0.1 with solarize 0 / 0.2,
-        locals blur 0.5.
-    first_global_blur: blur probability of the even-numbered global crops (DINO's recipe 1.0; DoRA's
-        single global clip 0.1).
+    color: DINO-style colour with blur p 0.5 and no solarize on the locals and, on the globals, the
+        blur and solarize probabilities of `global_blur` / `global_solarize`.
+    global_blur, global_solarize: blur and solarize probabilities of the even- and odd-numbered global
+        crops: DINO's (1.0, 0.1) and (0.0, 0.2); DoRA's single global clip blurs with p 0.1; NeCo's
+        reference blurs every crop with p 0.5 and never solarizes.
     per_frame_local_boxes: draw every local crop's box independently per frame (DoRA's local crops),
         instead of one box shared by the clip's frames.
     min_overlap: least overlap of every crop with each earlier global crop, as a fraction of the region's
@@ -225,7 +226,8 @@ class MulticropViews(CropViews):
     local_crops: int = 8
     local_size: int = 96
     local_scale: tuple[float, float] = (0.05, 0.4)
-    first_global_blur: float = 1.0
+    global_blur: tuple[float, float] = (1.0, 0.1)
+    global_solarize: tuple[float, float] = (0.0, 0.2)
     per_frame_local_boxes: bool = False
     min_overlap: float = 0.0
     boxes: bool = False
@@ -245,8 +247,8 @@ class MulticropViews(CropViews):
 
     def color_probabilities(self) -> tuple[np.ndarray, np.ndarray]:
         G, L = self.global_crops, self.local_crops
-        blur = [self.first_global_blur if g % 2 == 0 else 0.1 for g in range(G)] + [0.5] * L
-        solar = [0.0 if g % 2 == 0 else 0.2 for g in range(G)] + [0.0] * L
+        blur = [self.global_blur[g % 2] for g in range(G)] + [0.5] * L
+        solar = [self.global_solarize[g % 2] for g in range(G)] + [0.0] * L
         return np.array(blur)[:, None], np.array(solar)[:, None]
 
     def layout(self) -> dict[str, tuple[int, ...]]:

@@ -72,12 +72,13 @@ def test_dali_missing_component_names_shard_and_key(tmp_path):
 
 
 def test_dali_cpu_gives_neco_boxes_like_the_fallback(jpeg_shards):
-    """NeCo's views: the same boxes and flips from both backends (they travel in the packed rows)."""
+    """NeCo's views: the same boxes, flips and colours (the reference's blur p 0.5, no solarize) from both
+    backends (they travel in the packed rows)."""
     spec = MulticropViews(frames=1, global_size=32, local_size=16, local_crops=2, min_overlap=0.01,
-                          boxes=True, flip=True)
+                          boxes=True, flip=True, global_blur=(0.5, 0.5), global_solarize=(0.0, 0.0))
     _, dali = _batches(jpeg_shards, "dali", spec=spec)
     _, cpu = _batches(jpeg_shards, "cpu", spec=spec)
     for a, b in zip(dali, cpu):
         assert a["boxes"].shape == (3, 4, 4) and torch.equal(a["boxes"].cpu(), b["boxes"])
         assert torch.equal(a["flip"].cpu(), b["flip"])
-        assert (a["global"] - b["global"]).abs().max() < 0.05
+        assert (a["global"] - b["global"]).abs().max() < 0.05 and (a["local"] - b["local"]).abs().max() < 0.05

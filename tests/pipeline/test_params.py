@@ -143,3 +143,21 @@ def test_boxes_and_overlap_belong_to_the_multicrop_family_with_one_box_per_view(
         MulticropViews(frames=2, boxes=True, per_frame_local_boxes=True)
     with pytest.raises(ValueError, match="min_overlap"):
         MulticropViews(min_overlap=0.6)
+
+
+def _colour_draws(spec, n):
+    """(n, V, 7) colour parameters of n samples' draws (one frame of colour per view)."""
+    return np.stack([P.draw(spec, np.random.default_rng(seed), 64, 48, 1, 0, 0)["color"][:, 0] for seed in range(n)])
+
+
+def test_multicrop_blur_and_solarize_follow_the_global_probabilities_over_many_draws():
+    dino = MulticropViews(global_crops=2, local_crops=3)
+    neco = MulticropViews(global_crops=2, local_crops=3, global_blur=(0.5, 0.5), global_solarize=(0.0, 0.0))
+    for spec, blur, solarize in [(dino, [1.0, 0.1, 0.5, 0.5, 0.5], [0.0, 0.2, 0.0, 0.0, 0.0]),
+                                 (neco, [0.5] * 5, [0.0] * 5)]:
+        color = _colour_draws(spec, 2000)
+        sigma = color[..., 5]
+        assert np.abs((sigma > 0).mean(0) - blur).max() < 0.04
+        assert np.abs(color[..., 6].mean(0) - solarize).max() < 0.04
+        assert sigma[sigma > 0].min() >= 0.1 and sigma.max() <= 2.0
+    assert (color[..., 6] == 0).all()   # NeCo: never solarized

@@ -293,6 +293,20 @@ def test_views_ask_for_overlapping_multicrop_boxes():
     assert (video.frames, video.stride) == (2, 7)
 
 
+def test_views_draw_the_reference_colours():
+    """NeCoTransforms: ColorJitter(0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2, blur sigma 0.1-2 with p 0.5
+    on every crop, never a solarize (DINO's recipe blurs its first global crop always and solarizes the second)."""
+    from pipeline.params import draw
+
+    spec = build().views()
+    color = np.stack([draw(spec, np.random.default_rng(seed), 64, 48, 1, 0, 0)["color"][:, 0] for seed in range(2000)])
+    jittered = color[..., 0] != 1.0
+    assert np.abs(jittered.mean(0) - 0.8).max() < 0.04 and np.abs(color[..., 4].mean(0) - 0.2).max() < 0.04
+    assert color[..., 0].min() >= 0.2 and color[..., 0].max() <= 1.8 and np.abs(color[..., 3]).max() <= 0.2
+    assert np.abs((color[..., 5] > 0).mean(0) - 0.5).max() < 0.04
+    assert (color[..., 6] == 0).all()
+
+
 def test_student_and_head_get_gradients_the_teacher_none_and_the_teacher_follows():
     obj = build()
     loss, logs = obj(batch_of())

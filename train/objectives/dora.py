@@ -212,7 +212,7 @@ class DoRA(DINO):
         # every crop is drawn inside a clip-level region (the reference's 300 px crop)
         return MulticropViews(
             frames=c.frames, stride=c.frame_stride, region=True, scale=c.region_scale,
-            flip=True, color=True, per_frame_color=True, per_frame_local_boxes=True, first_global_blur=0.1,
+            flip=True, color=True, per_frame_color=True, per_frame_local_boxes=True, global_blur=(0.1, 0.1),
             global_crops=1, global_size=c.global_size, global_scale=c.global_scale,
             local_crops=c.local_crops, local_size=c.local_size, local_scale=c.local_scale,
         )
