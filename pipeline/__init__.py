@@ -1,15 +1,15 @@
 """densevid data pipeline: packed shards -> decoded frames -> every objective's views, on the device.
 
-    from pipeline import DataConfig, ViewSpec, build_loader
-    loader = build_loader(DataConfig(path="data/kinetics"), ViewSpec(family="multicrop", frames=8, stride=4),
-                          rank, world_size)
+    from pipeline import DataConfig, MulticropViews, build_loader
+    loader = build_loader(DataConfig(path="data/kinetics"), MulticropViews(frames=8, stride=4), rank, world_size)
     for batch in loader: ...          # endless; loader.state_dict() / load_state_dict() resume exactly
 
 DALI is imported only by `pipeline.dali`, when the DALI backend is used.
 """
 from pipeline.config import DataConfig
 
-__all__ = ["DataConfig", "ViewSpec", "Loader", "build_loader"]
+VIEW_SPECS = ("ViewSpec", "ClipViews", "MulticropViews", "GridViews")
+__all__ = ["DataConfig", *VIEW_SPECS, "Loader", "build_loader"]
 
 
 def __getattr__(name: str):
@@ -19,8 +19,8 @@ def __getattr__(name: str):
         from pipeline import loader
 
         return getattr(loader, name)
-    if name == "ViewSpec":
-        from pipeline.views import ViewSpec
+    if name in VIEW_SPECS:
+        from pipeline import views
 
-        return ViewSpec
+        return getattr(views, name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

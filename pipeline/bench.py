@@ -35,16 +35,17 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import DataConfig, ViewSpec, build_loader  # noqa: E402
+from pipeline import ClipViews, DataConfig, GridViews, MulticropViews, ViewSpec, build_loader  # noqa: E402
+from pipeline.views import CropViews  # noqa: E402
 from pipeline.fallback import decode_jpeg, decode_video  # noqa: E402
 from pipeline.reader import ShardDataset, frame_member  # noqa: E402
 from pipeline.sampling import clip_span  # noqa: E402
 
 FAMILIES = {
-    "multicrop": ViewSpec(family="multicrop", frames=8, stride=4, global_crops=2, global_size=224,
-                          global_scale=(0.4, 1.0), local_crops=10, local_size=96, local_scale=(0.05, 0.4)),
-    "grid": ViewSpec(family="grid", frames=4, stride=4, size=256, scale=(0.8, 0.95), ratio=(0.7, 1.3)),
-    "clip": ViewSpec(family="clip", frames=8, stride=4, size=224),
+    "multicrop": MulticropViews(frames=8, stride=4, global_crops=2, global_size=224, global_scale=(0.4, 1.0),
+                                local_crops=10, local_size=96, local_scale=(0.05, 0.4)),
+    "grid": GridViews(frames=4, stride=4, size=256, scale=(0.8, 0.95), ratio=(0.7, 1.3)),
+    "clip": ClipViews(frames=8, stride=4, size=224),
 }
 
 
@@ -188,40 +189,10 @@ class BaselineClips(torch.utils.data.Dataset):
     def __init__(self, path: str, spec: ViewSpec):
         self.dataset, self.spec = ShardDataset(path), spec
         self.usable = self.dataset.usable(clip_span(spec.frames, spec.stride))
-        self.views = self._view_transforms()
+        self.views = BASELINE_VIEWS[type(spec)](spec)
 
     def __len__(self) -> int:
         return len(self.usable)
-
-    def _color(self, jitter, p_blur, p_solar):
-        from torchvision.transforms import v2
-
-        ops = [v2.RandomApply([v2.ColorJitter(*jitter)], p=0.8 if self.spec.family != "grid" else 1.0)]
-        if self.spec.family != "grid":
-            ops += [v2.RandomGrayscale(0.2), v2.RandomApply([v2.GaussianBlur(13, sigma=(0.1, 2.0))], p=p_blur),
-                    v2.RandomSolarize(0.5, p=p_solar)]
-        return ops
-
-    def _view_transforms(self):
-        from torchvision.transforms import v2
-
-        spec = self.spec
-        finish = [v2.Normalize(spec.mean, spec.std)]
-        if spec.family == "grid":
-            return {"frame": v2.Compose([v2.RandomResizedCrop(spec.out_size, spec.scale, spec.ratio, antialias=True)]),
-                    "patch": v2.Compose([v2.RandomResizedCrop(spec.patch_size, spec.patch_scale, antialias=True),
-                                         v2.RandomHorizontalFlip(), *self._color(spec.jitter_strength, 0, 0), *finish])}
-        crop = lambda size, scale: [v2.RandomResizedCrop(size, scale, spec.ratio, antialias=True),  # noqa: E731
-                                    v2.RandomHorizontalFlip()]
-        if spec.family == "clip":
-            return {"clip": [v2.Compose(crop(spec.out_size, spec.scale) + self._color(spec.jitter_strength, 0.5, 0)
-                                        + finish)]}
-        globals_ = [v2.Compose(crop(spec.global_size, spec.global_scale)
-                               + self._color(spec.jitter_strength, 1.0 if g % 2 == 0 else 0.1, 0.0 if g % 2 == 0 else 0.2)
-                               + finish) for g in range(spec.global_crops)]
-        locals_ = [v2.Compose(crop(spec.local_size, spec.local_scale) + self._color(spec.jitter_strength, 0.5, 0)
-                              + finish) for _ in range(spec.local_crops)]
-        return {"global": globals_, "local": locals_}
 
     def _frames(self, sample_id: int, indices: np.ndarray) -> torch.Tensor:
         ds = self.dataset
@@ -243,17 +214,54 @@ class BaselineClips(torch.utils.data.Dataset):
         start = np.random.randint(0, self.dataset.nframes(sample_id) - clip_span(spec.frames, spec.stride) + 1)
         video = tv_tensors.Video(self._frames(sample_id, start + spec.stride * np.arange(spec.frames)))
         video = video.float().div_(255)
-        out = {"label": self.dataset.label(sample_id)}
-        if spec.family == "grid":
-            frames = self.views["frame"](video)                        # (T, 3, 256, 256)
-            cells = frames.unfold(2, spec.patch_size, spec.patch_stride).unfold(3, spec.patch_size, spec.patch_stride)
-            cells = cells.permute(0, 2, 3, 1, 4, 5).reshape(spec.frames, -1, 3, spec.patch_size, spec.patch_size)
-            out["patches"] = torch.stack([torch.stack([self.views["patch"](p) for p in frame]) for frame in cells])
-            return out
-        for name, transforms in self.views.items():
-            views = torch.stack([t(video) for t in transforms])        # (V, T, 3, h, w)
-            out[name] = views[0] if name == "clip" else views
-        return out
+        return {"label": self.dataset.label(sample_id), **self.views(video)}
+
+
+def _crop_views(spec: CropViews, groups: list[tuple[str, int, tuple[float, float], int]]):
+    """The views of a `CropViews` family as torchvision pipelines: groups of (batch key, output side,
+    scale, count), each view with DINO-style colour at the family's blur and solarize probabilities."""
+    from torchvision.transforms import v2
+
+    p_blur, p_solar = (p[:, 0].tolist() for p in spec.color_probabilities())
+    views, at = {}, 0
+    for name, size, scale, count in groups:
+        if count:
+            views[name] = [v2.Compose([
+                v2.RandomResizedCrop(size, scale, spec.ratio, antialias=True), v2.RandomHorizontalFlip(),
+                v2.RandomApply([v2.ColorJitter(*spec.jitter_strength)], p=0.8), v2.RandomGrayscale(0.2),
+                v2.RandomApply([v2.GaussianBlur(13, sigma=(0.1, 2.0))], p=p_blur[at + i]),
+                v2.RandomSolarize(0.5, p=p_solar[at + i]), v2.Normalize(spec.mean, spec.std)]) for i in range(count)]
+        at += count
+    return lambda video: {name: torch.stack([t(video) for t in transforms]) for name, transforms in views.items()}
+
+
+def _clip_views(spec: ClipViews):
+    views = _crop_views(spec, [("clip", spec.size, spec.scale, 1)])
+    return lambda video: {"clip": views(video)["clip"][0]}
+
+
+def _multicrop_views(spec: MulticropViews):
+    return _crop_views(spec, [("global", spec.global_size, spec.global_scale, spec.global_crops),
+                              ("local", spec.local_size, spec.local_scale, spec.local_crops)])
+
+
+def _grid_views(spec: GridViews):
+    from torchvision.transforms import v2
+
+    frame = v2.RandomResizedCrop(spec.size, spec.scale, spec.ratio, antialias=True)
+    patch = v2.Compose([v2.RandomResizedCrop(spec.patch_size, spec.patch_scale, antialias=True),
+                        v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(*spec.jitter_strength)], p=1.0),
+                        v2.Normalize(spec.mean, spec.std)])
+
+    def apply(video):
+        frames = frame(video)                                                    # (T, 3, 256, 256)
+        P, S = spec.patch_size, spec.patch_stride
+        cells = frames.unfold(2, P, S).unfold(3, P, S).permute(0, 2, 3, 1, 4, 5).reshape(spec.frames, -1, 3, P, P)
+        return {"patches": torch.stack([torch.stack([patch(p) for p in frame_cells]) for frame_cells in cells])}
+    return apply
+
+
+BASELINE_VIEWS = {ClipViews: _clip_views, MulticropViews: _multicrop_views, GridViews: _grid_views}
 
 
 # ---- runs ----------------------------------------------------------------------------------------

@@ -6,8 +6,10 @@ colour factors, and a resumed run redraws exactly what the uninterrupted one dre
 (`pipeline.sampling.sample_rng`). The parameters of one sample travel as one flat float64 vector
 (`pack`), so a DALI external-source worker can hand them to the renderer next to the encoded frames.
 
-Layout per family (V = views sharing a box across frames, Tc = T with per-frame colour else 1):
-  meta (5): label, sample id, start frame, samples skipped before this one, last skipped id (-1)
+Layout: `meta` (5): label, sample id, start frame, samples skipped before this one, last skipped id
+(-1); then the fields of the view family (`ViewSpec.layout`, drawn by `ViewSpec.draw` with this
+module's box and colour functions), e.g. (V = views sharing a box across frames, Tc = T with per-frame
+colour else 1):
   box (V, 4): x0, y0, x1, y1 in frame pixels (grid: the clip crop that is resized to `size`)
   flip (V,), color (V * K, Tc, 7)                   clip, multicrop (K = color_draws, 1 but for SMTC)
   local_box (L, T, 4): per-frame local boxes        multicrop with `per_frame_local_boxes` (`box`
@@ -17,13 +19,16 @@ Layout per family (V = views sharing a box across frames, Tc = T with per-frame 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from pipeline.color import IDENTITY, NUM_COLOR_PARAMS
+from pipeline.color import NUM_COLOR_PARAMS
 from pipeline.sampling import draw_start
-from pipeline.views import ViewSpec
+
+if TYPE_CHECKING:  # pipeline.views draws with this module's functions
+    from pipeline.views import ViewSpec
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before falling back to a centre crop
 
@@ -95,27 +100,9 @@ def draw_color(rng: np.random.Generator, shape: tuple[int, ...], jitter: tuple[f
     return out
 
 
-def view_probabilities(spec: ViewSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Blur and solarize probability per view of the DINO recipe (shape (V, 1) to broadcast over Tc)."""
-    if spec.family == "clip":
-        return np.full((1, 1), 0.5), np.zeros((1, 1))
-    blur = [spec.first_global_blur if g % 2 == 0 else 0.1 for g in range(spec.global_crops)] + [0.5] * spec.local_crops
-    solar = [0.0 if g % 2 == 0 else 0.2 for g in range(spec.global_crops)] + [0.0] * spec.local_crops
-    return np.array(blur)[:, None], np.array(solar)[:, None]
-
-
 def layout(spec: ViewSpec) -> dict[str, tuple[int, ...]]:
     """Name -> per-sample shape of every packed field, in packing order."""
-    T = spec.frames
-    if spec.family == "grid":
-        N = spec.grid_side ** 2
-        return {"meta": (5,), "box": (1, 4), "patch_box": (T, N, 4), "patch_flip": (T, N),
-                "color": (T, N, NUM_COLOR_PARAMS)}
-    V, Tc = spec.num_views, T if spec.per_frame_color else 1
-    fields = {"meta": (5,), "box": (V, 4), "flip": (V,), "color": (spec.color_views, Tc, NUM_COLOR_PARAMS)}
-    if spec.family == "multicrop" and spec.per_frame_local_boxes:
-        fields["local_box"] = (spec.local_crops, T, 4)
-    return fields
+    return {"meta": (5,), **spec.layout()}
 
 
 def packed_size(spec: ViewSpec) -> int:
@@ -124,47 +111,11 @@ def packed_size(spec: ViewSpec) -> int:
 
 def draw(spec: ViewSpec, rng: np.random.Generator, width: int, height: int, nframes: int,
          label: int, sample_id: int) -> dict[str, np.ndarray]:
-    """All parameters of one sample (the `layout` fields) for a frame of width x height."""
-    T = spec.frames
-    start = draw_start(rng, nframes, T, spec.stride)
-    params = {"meta": np.array([label, sample_id, start, 0, -1], dtype=np.float64)}
-    if spec.family == "grid":
-        N, side, P = spec.grid_side ** 2, spec.out_size, spec.patch_size
-        params["box"] = random_resized_boxes(rng, width, height, spec.scale, spec.ratio, 1)
-        jitter = random_resized_boxes(rng, P, P, spec.patch_scale, (3 / 4, 4 / 3), T * N).reshape(T, N, 4)
-        corners = np.arange(spec.grid_side) * spec.patch_stride
-        offsets = np.stack(np.meshgrid(corners, corners, indexing="xy"), -1).reshape(N, 2)   # row-major (x, y)
-        params["patch_box"] = jitter + np.tile(offsets, 2)
-        params["patch_flip"] = (rng.random((T, N)) < 0.5) & spec.flip
-        params["color"] = (draw_color(rng, (T, N), spec.jitter_strength, 1.0, 0.0, 0.0, 0.0)
-                           if spec.color else np.broadcast_to(IDENTITY, (T, N, NUM_COLOR_PARAMS)))
-        return params
-    V, Tc = spec.num_views, T if spec.per_frame_color else 1
-    if spec.family == "clip":
-        params["box"] = random_resized_boxes(rng, width, height, spec.scale, spec.ratio, 1)
-    else:
-        x0, y0, x1, y1 = (random_resized_boxes(rng, width, height, spec.scale, spec.ratio, 1)[0]
-                          if spec.size is not None else (0, 0, width, height))
-        offset = np.array([x0, y0, x0, y0])
-        regional = random_resized_boxes(rng, x1 - x0, y1 - y0, spec.global_scale, spec.ratio, spec.global_crops)
-        per_frame = spec.frames if spec.per_frame_local_boxes else 1
-        local = random_resized_boxes(rng, x1 - x0, y1 - y0, spec.local_scale, spec.ratio,
-                                     spec.local_crops * per_frame).reshape(spec.local_crops, per_frame, 4) + offset
-        if spec.min_overlap > 0:  # NeCo: every pair of a global crop and another crop overlaps
-            drawn = enforce_overlap(rng, np.concatenate([regional, local[:, 0] - offset]), spec.global_crops,
-                                    x1 - x0, y1 - y0, (spec.global_scale, spec.local_scale), spec.ratio,
-                                    spec.min_overlap)
-            regional, local = drawn[:spec.global_crops], drawn[spec.global_crops:, None] + offset
-        params["box"] = np.concatenate([regional + offset, local[:, 0]])
-        if spec.per_frame_local_boxes:
-            params["local_box"] = local
-    params["flip"] = (rng.random(V) < 0.5) & spec.flip
-    if spec.color:
-        p_blur, p_solar = view_probabilities(spec)
-        params["color"] = draw_color(rng, (spec.color_views, Tc), spec.jitter_strength, 0.8, 0.2, p_blur, p_solar)
-    else:
-        params["color"] = np.broadcast_to(IDENTITY, (V, Tc, NUM_COLOR_PARAMS))
-    return params
+    """All parameters of one sample (the `layout` fields) for a frame of width x height: the start
+    frame, then the views' own (`spec.draw`)."""
+    start = draw_start(rng, nframes, spec.frames, spec.stride)
+    return {"meta": np.array([label, sample_id, start, 0, -1], dtype=np.float64),
+            **spec.draw(rng, width, height)}
 
 
 def pack(spec: ViewSpec, params: dict[str, np.ndarray]) -> np.ndarray:

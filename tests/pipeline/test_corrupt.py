@@ -3,11 +3,11 @@ import logging
 
 import pytest
 
-from pipeline import DataConfig, ViewSpec, build_loader
+from pipeline import ClipViews, DataConfig, build_loader
 from pipeline.reader import SampleError
 from .pipeline_data import ramp_members, write_dataset
 
-SPEC = ViewSpec(family="clip", frames=2, stride=1, size=16)
+SPEC = ClipViews(frames=2, stride=1, size=16)
 
 
 def _one_epoch(path, caplog, **kw):
@@ -41,6 +41,6 @@ def test_missing_component_is_an_error_naming_shard_and_key(tmp_path):
     del gap["f003.jpg"]
     path = write_dataset(tmp_path / "b", [("gap_00000", gap, 6)])
     loader = build_loader(DataConfig(path=str(path), batch_size=1, num_workers=0, device="cpu"),
-                          ViewSpec(family="clip", frames=6, size=8), 0, 1)
+                          ClipViews(frames=6, size=8), 0, 1)
     with pytest.raises(SampleError, match=r"test-000000\.tar:gap_00000 has no 'f003.jpg' member"):
         next(iter(loader))

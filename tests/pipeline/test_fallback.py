@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import DataConfig, ViewSpec, build_loader
+from pipeline import DataConfig, MulticropViews, build_loader
 from pipeline.fallback import decode_video, stack_frames
 from pipeline.reader import ShardDataset
 
@@ -21,7 +21,7 @@ def test_video_decode_seeks_to_the_requested_frames(request, fixture):
 
 def test_video_samples_give_the_views_of_their_jpeg_twins(jpeg_shards, h264_shards):
     """Same sample order and parameters on every format: only the codec's rounding differs."""
-    spec = ViewSpec(family="multicrop", frames=3, stride=5, global_size=32, local_size=16, local_crops=2)
+    spec = MulticropViews(frames=3, stride=5, global_size=32, local_size=16, local_crops=2)
     batches = {}
     for path in (jpeg_shards, h264_shards):
         loader = build_loader(DataConfig(path=str(path), batch_size=3, num_workers=0, device="cpu"), spec, 0, 1)

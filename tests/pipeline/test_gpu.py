@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from pipeline import DataConfig, ViewSpec, build_loader
+from pipeline import DataConfig, MulticropViews, build_loader
 from pipeline.views import crop_resize
 
 pytestmark = pytest.mark.gpu
@@ -26,7 +26,7 @@ def test_roi_align_crops_match_the_cpu_resize_on_smooth_images():
 @pytest.mark.parametrize("fixture", ["jpeg_shards", "h264_shards"])
 def test_gpu_loader_matches_the_cpu_loader(request, fixture):
     path = str(request.getfixturevalue(fixture))
-    spec = ViewSpec(family="multicrop", frames=2, stride=4, global_size=32, local_size=16, local_crops=2)
+    spec = MulticropViews(frames=2, stride=4, global_size=32, local_size=16, local_crops=2)
     out = {}
     for backend, device in (("dali", "cuda"), ("cpu", "cpu")):
         cfg = DataConfig(path=path, batch_size=3, backend=backend, device=device, num_workers=1, dtype="float32")

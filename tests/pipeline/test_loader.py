@@ -1,20 +1,21 @@
+import dataclasses
 import itertools
 import logging
 
 import pytest
 import torch
 
-from pipeline import DataConfig, ViewSpec, build_loader
+from pipeline import ClipViews, DataConfig, GridViews, MulticropViews, build_loader
 
 from .pipeline_data import RAMP_LABELS, RAMP_NFRAMES, to_unit
 
 SPECS = {
-    "grid": ViewSpec(family="grid", frames=4, stride=2, size=64, scale=(0.8, 0.95), ratio=(0.7, 1.3),
-                     patch_size=16, patch_stride=8),
-    "multicrop_t1": ViewSpec(family="multicrop", frames=1, global_size=32, local_size=16, local_crops=4),
-    "multicrop_t4": ViewSpec(family="multicrop", frames=4, stride=3, global_size=32, local_size=16, local_crops=2,
-                             per_frame_color=True),
-    "clip": ViewSpec(family="clip", frames=4, stride=2, size=32),
+    "grid": GridViews(frames=4, stride=2, size=64, scale=(0.8, 0.95), ratio=(0.7, 1.3),
+                      patch_size=16, patch_stride=8),
+    "multicrop_t1": MulticropViews(frames=1, global_size=32, local_size=16, local_crops=4),
+    "multicrop_t4": MulticropViews(frames=4, stride=3, global_size=32, local_size=16, local_crops=2,
+                                   per_frame_color=True),
+    "clip": ClipViews(frames=4, stride=2, size=32),
 }
 SHAPES = {
     "grid": {"patches": (3, 4, 49, 3, 16, 16)},
@@ -51,7 +52,7 @@ def _frames_of_views(views):
 
 @pytest.mark.parametrize("name", ["clip", "multicrop_t4"])
 def test_all_frames_of_a_view_share_one_crop_and_fit_the_sample(ramp_shards, name):
-    spec = ViewSpec(**{**SPECS[name].__dict__, "color": False})
+    spec = dataclasses.replace(SPECS[name], color=False)
     loader = build_loader(_cfg(ramp_shards, batch_size=4), spec, 0, 1)
     for batch in _take(loader, 4):
         nframes = torch.tensor(RAMP_NFRAMES)[batch["sample"]]
@@ -70,7 +71,7 @@ def test_all_frames_of_a_view_share_one_crop_and_fit_the_sample(ramp_shards, nam
 
 
 def test_short_samples_are_left_out_and_reported(ramp_shards, caplog):
-    spec = ViewSpec(family="clip", frames=4, stride=4, size=16)          # span 13
+    spec = ClipViews(frames=4, stride=4, size=16)          # span 13
     with caplog.at_level(logging.WARNING):
         loader = build_loader(_cfg(ramp_shards, batch_size=1), spec, 0, 1)
     usable = {i for i, n in enumerate(RAMP_NFRAMES) if n >= 13}
@@ -78,7 +79,7 @@ def test_short_samples_are_left_out_and_reported(ramp_shards, caplog):
     seen = {b["sample"].item() for b in _take(loader, 2 * len(usable))}
     assert seen == usable
     with pytest.raises(ValueError, match="no sample has the 31 frames"):
-        build_loader(_cfg(ramp_shards), ViewSpec(frames=4, stride=10), 0, 1)
+        build_loader(_cfg(ramp_shards), ClipViews(frames=4, stride=10), 0, 1)
 
 
 def test_same_seed_same_batches_any_worker_count(ramp_shards):
@@ -107,7 +108,7 @@ def test_resume_equals_uninterrupted(ramp_shards):
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_read_disjoint_samples_covering_each_epoch(ramp_shards, world_size):
-    spec = ViewSpec(family="clip", frames=1, size=8, color=False)
+    spec = ClipViews(frames=1, size=8, color=False)
     per_rank = []
     for rank in range(world_size):
         loader = build_loader(_cfg(ramp_shards, batch_size=1), spec, rank, world_size)
@@ -117,7 +118,7 @@ def test_ranks_read_disjoint_samples_covering_each_epoch(ramp_shards, world_size
 
 
 def test_unordered_reading_without_shuffle(ramp_shards):
-    spec = ViewSpec(family="clip", frames=1, size=8)
+    spec = ClipViews(frames=1, size=8)
     loader = build_loader(_cfg(ramp_shards, batch_size=7, shuffle_buffer=0), spec, 0, 1)
     assert _take(loader, 1)[0]["sample"].tolist() == list(range(7))
 
@@ -134,9 +135,9 @@ def test_dali_graph_runs_on_the_gpu_the_device_names(monkeypatch):
 def test_neco_views_carry_their_boxes_and_flips(jpeg_shards):
     """The CPU path's batch has each view's box (frame pixels) and flip; with flips off and a box of a
     whole frame, that view is the resized frame, so the boxes are the ones the renderer used."""
-    spec = ViewSpec(family="multicrop", frames=1, global_crops=2, global_size=32, global_scale=(1.0, 1.0),
-                    ratio=(0.1, 10.0), local_crops=2, local_size=16, min_overlap=0.01, boxes=True, flip=False,
-                    color=False)
+    spec = MulticropViews(frames=1, global_crops=2, global_size=32, global_scale=(1.0, 1.0),
+                          ratio=(0.1, 10.0), local_crops=2, local_size=16, min_overlap=0.01, boxes=True, flip=False,
+                          color=False)
     batch, = _take(build_loader(_cfg(jpeg_shards), spec, 0, 1), 1)
     assert batch["boxes"].shape == (3, 4, 4) and batch["boxes"].dtype == torch.float32
     assert batch["flip"].shape == (3, 4) and not batch["flip"].any()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline import params as P
-from pipeline.views import ViewSpec
+from pipeline.views import ClipViews, GridViews, MulticropViews
 
 
 def _check_boxes(boxes, width, height, scale, ratio):
@@ -35,7 +35,7 @@ def test_impossible_boxes_fall_back_to_a_centre_crop():
 
 
 def test_grid_patch_boxes_jitter_inside_their_cells():
-    spec = ViewSpec(family="grid", frames=3, size=256, scale=(0.8, 0.95), ratio=(0.7, 1.3))
+    spec = GridViews(frames=3, size=256, scale=(0.8, 0.95), ratio=(0.7, 1.3))
     drawn = P.draw(spec, np.random.default_rng(1), 320, 240, 30, label=-1, sample_id=0)
     boxes = drawn["patch_box"]                                     # (T, 49, 4)
     assert boxes.shape == (3, 49, 4) and spec.grid_side == 7
@@ -53,8 +53,8 @@ def test_grid_patch_boxes_jitter_inside_their_cells():
 
 
 def test_multicrop_views_are_drawn_inside_the_clip_region():
-    spec = ViewSpec(family="multicrop", frames=8, stride=30, size=300, scale=(0.2, 1.0),
-                    global_crops=1, local_crops=6, local_size=112, per_frame_color=True)
+    spec = MulticropViews(frames=8, stride=30, region=True, scale=(0.2, 1.0),
+                          global_crops=1, local_crops=6, local_size=112, per_frame_color=True)
     drawn = P.draw(spec, np.random.default_rng(3), 640, 360, 300, label=4, sample_id=9)
     assert drawn["box"].shape == (7, 4) and drawn["color"].shape == (7, 8, 7)
     lo, hi = drawn["box"][:, :2].min(0), drawn["box"][:, 2:].max(0)
@@ -65,7 +65,7 @@ def test_multicrop_views_are_drawn_inside_the_clip_region():
 
 
 def test_dino_recipe_probabilities():
-    spec = ViewSpec(family="multicrop", global_crops=2, local_crops=8)
+    spec = MulticropViews(global_crops=2, local_crops=8)
     color = np.stack([P.draw(spec, np.random.default_rng(i), 64, 64, 1, -1, 0)["color"][:, 0] for i in range(3000)])
     blurred, solarized = (color[..., 5] > 0).mean(0), color[..., 6].mean(0)
     assert blurred[0] == 1.0 and abs(blurred[1] - 0.1) < 0.03 and abs(blurred[2:].mean() - 0.5) < 0.02
@@ -77,7 +77,7 @@ def test_dino_recipe_probabilities():
 
 
 def test_pack_unpack_round_trip_and_determinism():
-    spec = ViewSpec(family="multicrop", frames=2, stride=3, local_crops=3)
+    spec = MulticropViews(frames=2, stride=3, local_crops=3)
     a = P.draw(spec, np.random.default_rng(7), 200, 100, 12, 1, 2)
     b = P.draw(spec, np.random.default_rng(7), 200, 100, 12, 1, 2)
     row = P.pack(spec, a)
@@ -89,10 +89,10 @@ def test_pack_unpack_round_trip_and_determinism():
 
 def test_per_frame_local_boxes_differ_across_frames_inside_the_region():
     """DoRA draws every frame of a local crop with its own RandomResizedCrop; the global crop keeps one box."""
-    common = dict(family="multicrop", frames=8, stride=30, size=300, scale=(0.2, 1.0), global_crops=1,
+    common = dict(frames=8, stride=30, region=True, scale=(0.2, 1.0), global_crops=1,
                   local_crops=6, local_size=112, per_frame_color=True)
-    shared = P.draw(ViewSpec(**common), np.random.default_rng(3), 640, 360, 300, label=4, sample_id=9)
-    spec = ViewSpec(**common, per_frame_local_boxes=True)
+    shared = P.draw(MulticropViews(**common), np.random.default_rng(3), 640, 360, 300, label=4, sample_id=9)
+    spec = MulticropViews(**common, per_frame_local_boxes=True)
     drawn = P.draw(spec, np.random.default_rng(3), 640, 360, 300, label=4, sample_id=9)
     assert drawn["local_box"].shape == (6, 8, 4) and P.layout(spec)["local_box"] == (6, 8, 4)
     assert np.array_equal(drawn["box"][1:], drawn["local_box"][:, 0])
@@ -114,16 +114,16 @@ def _intersection(a, b):
 def test_neco_crops_overlap_every_earlier_global_crop_by_the_minimum():
     """NeCo's transform: crop i overlaps globals 0..min(i, G)-1 by > 1 % of the frame (2 % between globals);
     without the rule, the same scales often give disjoint pairs, so the rule does the work."""
-    kw = dict(family="multicrop", frames=1, global_crops=2, global_scale=(0.25, 1.0), local_crops=4,
+    kw = dict(frames=1, global_crops=2, global_scale=(0.25, 1.0), local_crops=4,
               local_scale=(0.05, 0.25), flip=False)
     need = int(640 * 360 * 0.01)
     disjoint = 0
     for seed in range(200):
-        box = P.draw(ViewSpec(**kw, min_overlap=0.01), np.random.default_rng(seed), 640, 360, 10, 0, 0)["box"]
+        box = P.draw(MulticropViews(**kw, min_overlap=0.01), np.random.default_rng(seed), 640, 360, 10, 0, 0)["box"]
         _check_boxes(box[2:], 640, 360, (0.05, 0.25), (3 / 4, 4 / 3))
         assert _intersection(box[1], box[0]) > 2 * need
         assert (_intersection(box[2:, None], box[None, :2]) > need).all()
-        free = P.draw(ViewSpec(**kw), np.random.default_rng(seed), 640, 360, 10, 0, 0)["box"]
+        free = P.draw(MulticropViews(**kw), np.random.default_rng(seed), 640, 360, 10, 0, 0)["box"]
         disjoint += int((_intersection(free[2:, None], free[None, :2]) <= need).any())
     assert disjoint > 20
 
@@ -136,8 +136,28 @@ def test_overlap_rule_falls_back_to_the_first_global_box():
     assert out[2].tolist() == [0, 0, 10, 10] and boxes[2].tolist() == [90, 90, 100, 100]
 
 
-def test_boxes_and_overlap_need_the_multicrop_family():
-    with pytest.raises(ValueError, match="multicrop"):
-        ViewSpec(family="clip", boxes=True)
+def test_boxes_and_overlap_belong_to_the_multicrop_family_with_one_box_per_view():
+    with pytest.raises(TypeError, match="boxes"):
+        ClipViews(boxes=True)
+    with pytest.raises(ValueError, match="per_frame_local_boxes"):
+        MulticropViews(frames=2, boxes=True, per_frame_local_boxes=True)
     with pytest.raises(ValueError, match="min_overlap"):
-        ViewSpec(family="multicrop", min_overlap=0.6)
+        MulticropViews(min_overlap=0.6)
+
+
+def _colour_draws(spec, n):
+    """(n, V, 7) colour parameters of n samples' draws (one frame of colour per view)."""
+    return np.stack([P.draw(spec, np.random.default_rng(seed), 64, 48, 1, 0, 0)["color"][:, 0] for seed in range(n)])
+
+
+def test_multicrop_blur_and_solarize_follow_the_global_probabilities_over_many_draws():
+    dino = MulticropViews(global_crops=2, local_crops=3)
+    neco = MulticropViews(global_crops=2, local_crops=3, global_blur=(0.5, 0.5), global_solarize=(0.0, 0.0))
+    for spec, blur, solarize in [(dino, [1.0, 0.1, 0.5, 0.5, 0.5], [0.0, 0.2, 0.0, 0.0, 0.0]),
+                                 (neco, [0.5] * 5, [0.0] * 5)]:
+        color = _colour_draws(spec, 2000)
+        sigma = color[..., 5]
+        assert np.abs((sigma > 0).mean(0) - blur).max() < 0.04
+        assert np.abs(color[..., 6].mean(0) - solarize).max() < 0.04
+        assert sigma[sigma > 0].min() >= 0.1 and sigma.max() <= 2.0
+    assert (color[..., 6] == 0).all()   # NeCo: never solarized

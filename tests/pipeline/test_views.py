@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline import params as P
-from pipeline.views import ViewSpec, crop_resize, render
+from pipeline.views import ClipViews, GridViews, MulticropViews, crop_resize, render
 
 
 def _ramp_frames(n=2, height=40, width=60):
@@ -47,12 +47,12 @@ def _rows(spec, frames, batch, width, height, nframes=10):
 
 
 @pytest.mark.parametrize("spec,keys", [
-    (ViewSpec(family="clip", frames=3, size=24, color=False), {"clip": (2, 3, 3, 24, 24)}),
-    (ViewSpec(family="multicrop", frames=2, global_size=32, local_size=12, local_crops=3, color=False),
+    (ClipViews(frames=3, size=24, color=False), {"clip": (2, 3, 3, 24, 24)}),
+    (MulticropViews(frames=2, global_size=32, local_size=12, local_crops=3, color=False),
      {"global": (2, 2, 2, 3, 32, 32), "local": (2, 3, 2, 3, 12, 12)}),
-    (ViewSpec(family="multicrop", frames=1, global_crops=1, local_crops=0, global_size=16),
+    (MulticropViews(frames=1, global_crops=1, local_crops=0, global_size=16),
      {"global": (2, 1, 1, 3, 16, 16)}),
-    (ViewSpec(family="grid", frames=2, size=32, patch_size=16, patch_stride=8, color=False),
+    (GridViews(frames=2, size=32, patch_size=16, patch_stride=8, color=False),
      {"patches": (2, 2, 9, 3, 16, 16)}),
 ])
 def test_render_shapes_labels_and_frame_order(spec, keys):
@@ -73,7 +73,7 @@ def test_render_shapes_labels_and_frame_order(spec, keys):
 
 
 def test_flip_mirrors_the_view():
-    spec = ViewSpec(family="clip", frames=1, size=20, color=False)
+    spec = ClipViews(frames=1, size=20, color=False)
     frames = _ramp_frames(1)
     rows = _rows(spec, frames, 1, 60, 40)
     params = P.unpack(spec, rows)
@@ -88,7 +88,7 @@ def test_flip_mirrors_the_view():
 
 def test_clip_color_draws_colour_one_crop_independently():
     # SMTC: one crop, its student and teacher colourings drawn apart
-    spec = ViewSpec(family="clip", frames=3, size=24, flip=False, color_draws=2)
+    spec = ClipViews(frames=3, size=24, flip=False, color_draws=2)
     frames = _ramp_frames(2 * 3)
     params = P.unpack(spec, _rows(spec, frames, 2, 60, 40))
     assert params["color"].shape == (2, 2, 1, 7) and not torch.equal(params["color"][:, 0], params["color"][:, 1])
@@ -97,15 +97,17 @@ def test_clip_color_draws_colour_one_crop_independently():
     params["color"][:, 1] = params["color"][:, 0]           # the same colouring: the same pixels
     same = render(frames, params, spec)["clip"]
     assert torch.equal(same[:, 0], same[:, 1])
-    plain = ViewSpec(family="clip", frames=3, size=24, flip=False)
+    plain = ClipViews(frames=3, size=24, flip=False)
     assert P.layout(plain)["color"] == (1, 1, 7)
+    with pytest.raises(TypeError, match="color_draws"):
+        MulticropViews(color_draws=2)
     with pytest.raises(ValueError, match="color_draws"):
-        ViewSpec(family="multicrop", color_draws=2)
+        ClipViews(color_draws=2, color=False)
 
 
 def test_grid_patches_come_from_their_cells():
-    spec = ViewSpec(family="grid", frames=1, size=32, scale=(1.0, 1.0), ratio=(1.5, 1.5), patch_size=16,
-                    patch_stride=8, patch_scale=(1.0, 1.0), flip=False, color=False)
+    spec = GridViews(frames=1, size=32, scale=(1.0, 1.0), ratio=(1.5, 1.5), patch_size=16,
+                     patch_stride=8, patch_scale=(1.0, 1.0), flip=False, color=False)
     frames = _ramp_frames(1, height=32, width=48)        # aspect 1.5: the clip crop is the whole frame
     params = P.unpack(spec, _rows(spec, frames, 1, 48, 32))
     assert params["box"][0, 0].tolist() == [0, 0, 48, 32]
@@ -135,9 +137,9 @@ def test_roi_align_branch_matches_the_cpu_resize_on_a_720p_frame():
 
 
 def test_per_frame_local_boxes_crop_each_frame_at_its_own_box():
-    spec = ViewSpec(family="multicrop", frames=3, size=40, scale=(0.5, 1.0), global_crops=1, global_size=16,
-                    local_crops=2, local_size=8, local_scale=(0.1, 0.3), flip=False, color=False,
-                    per_frame_local_boxes=True)
+    spec = MulticropViews(frames=3, region=True, scale=(0.5, 1.0), global_crops=1, global_size=16,
+                          local_crops=2, local_size=8, local_scale=(0.1, 0.3), flip=False, color=False,
+                          per_frame_local_boxes=True)
     B, T = 2, 3
     frames = _ramp_frames(B * T)
     params = P.unpack(spec, _rows(spec, frames, B, 60, 40))

@@ -349,4 +349,4 @@ def test_views_are_the_reference_recipe():
     views = DoRA(DoRAConfig(out_dim=64), arch="vit_tiny_patch16", total_steps=10, steps_per_epoch=1).views()
     assert (views.family, views.frames, views.stride, views.global_crops, views.local_crops) == ("multicrop", 8, 20, 1, 6)
     assert (views.global_size, views.local_size, views.scale) == (224, 112, (0.2, 1.0))
-    assert views.per_frame_color and views.per_frame_local_boxes and views.first_global_blur == 0.1
+    assert views.per_frame_color and views.per_frame_local_boxes and views.global_blur == (0.1, 0.1)

@@ -121,9 +121,9 @@ def ref_knn_loss(gc_teacher, gc_student, lc_student, bboxes, bs, gc_res, lc_res,
 def overlapping_boxes(seed, n, G, frame=(300, 200)):
     """(n, V, 4) integer crop boxes whose globals overlap every other crop (the pipeline's rule)."""
     from pipeline.params import draw
-    from pipeline.views import ViewSpec
+    from pipeline.views import MulticropViews
 
-    spec = ViewSpec(family="multicrop", frames=1, global_crops=G, local_crops=2, min_overlap=0.05, boxes=True)
+    spec = MulticropViews(frames=1, global_crops=G, local_crops=2, min_overlap=0.05, boxes=True)
     return torch.tensor(np.stack([draw(spec, np.random.default_rng(seed + i), *frame, 5, 0, 0)["box"]
                                   for i in range(n)]), dtype=F64)
 
@@ -291,6 +291,20 @@ def test_views_ask_for_overlapping_multicrop_boxes():
     assert (spec.global_crops, spec.local_crops, spec.frames) == (2, 2, 1)
     video = build(dataclasses.replace(TINY, frames=2, frame_stride=7)).views()
     assert (video.frames, video.stride) == (2, 7)
+
+
+def test_views_draw_the_reference_colours():
+    """NeCoTransforms: ColorJitter(0.8, 0.8, 0.8, 0.2) with p 0.8, grayscale 0.2, blur sigma 0.1-2 with p 0.5
+    on every crop, never a solarize (DINO's recipe blurs its first global crop always and solarizes the second)."""
+    from pipeline.params import draw
+
+    spec = build().views()
+    color = np.stack([draw(spec, np.random.default_rng(seed), 64, 48, 1, 0, 0)["color"][:, 0] for seed in range(2000)])
+    jittered = color[..., 0] != 1.0
+    assert np.abs(jittered.mean(0) - 0.8).max() < 0.04 and np.abs(color[..., 4].mean(0) - 0.2).max() < 0.04
+    assert color[..., 0].min() >= 0.2 and color[..., 0].max() <= 1.8 and np.abs(color[..., 3]).max() <= 0.2
+    assert np.abs((color[..., 5] > 0).mean(0) - 0.5).max() < 0.04
+    assert (color[..., 6] == 0).all()
 
 
 def test_student_and_head_get_gradients_the_teacher_none_and_the_teacher_follows():

@@ -36,7 +36,7 @@ def fit(objective, batch, steps, lr):
 
 def test_crw_views_describe_the_grid():
     views = build("crw", TINY_CRW, "resnet18_crw").views()
-    assert (views.family, views.frames, views.patch_size, views.patch_stride, views.out_size) == ("grid", 3, 32, 16, 64)
+    assert (views.family, views.frames, views.patch_size, views.patch_stride, views.size) == ("grid", 3, 32, 16, 64)
     assert views.grid_side ** 2 == 9
     cifar = build("crw", dataclasses.replace(TINY_CRW, norm_stats="cifar"), "resnet18_crw").views()
     assert cifar.mean == (0.4914, 0.4822, 0.4465)

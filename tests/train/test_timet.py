@@ -236,7 +236,7 @@ def test_teacher_update_direction(mode, weight_of_old):
 
 def test_views_are_the_clip_family():
     views = build().views()
-    assert (views.family, views.frames, views.stride, views.out_size, views.jitter) == ("clip", 4, 1, 48,
+    assert (views.family, views.frames, views.stride, views.size, views.jitter) == ("clip", 4, 1, 48,
                                                                                         (0.8, 0.8, 0.8, 0.2))
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from pipeline import ViewSpec
+from pipeline import GridViews
 from pipeline.views import IMAGENET_MEAN, IMAGENET_STD
 from train.objectives.base import Objective
 
@@ -158,10 +158,10 @@ class CRW(Objective):
             layers += [nn.Linear(width, width), nn.ReLU()]
         self.head = nn.Sequential(*layers, nn.Linear(width, cfg.embed_dim))
 
-    def views(self) -> ViewSpec:
+    def views(self) -> GridViews:
         mean, std = NORM_STATS[self.cfg.norm_stats]
-        return ViewSpec(
-            family="grid", frames=self.cfg.clip_len, stride=self.cfg.frame_stride,
+        return GridViews(
+            frames=self.cfg.clip_len, stride=self.cfg.frame_stride,
             size=self.cfg.size, scale=self.cfg.crop_scale, ratio=self.cfg.crop_ratio, flip=False, color=False,
             patch_size=self.cfg.patch_size, patch_stride=self.cfg.patch_stride,
             patch_scale=self.cfg.patch_scale, mean=mean, std=std,

@@ -15,7 +15,7 @@ from torch import nn
 
 import models
 from models.heads import DINOHead
-from pipeline import ViewSpec
+from pipeline import MulticropViews
 from train.objectives.base import Objective
 from train.optim import cosine_schedule
 from train.teacher import EMATeacher
@@ -153,10 +153,10 @@ class DINO(Objective):
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
         self.teacher_temp = cfg.warmup_teacher_temp
 
-    def views(self) -> ViewSpec:
+    def views(self) -> MulticropViews:
         c = self.cfg
-        return ViewSpec(
-            family="multicrop", frames=1, stride=1, flip=True, color=True,
+        return MulticropViews(
+            frames=1, stride=1, flip=True, color=True,
             global_crops=c.global_crops, global_size=c.global_size, global_scale=c.global_scale,
             local_crops=c.local_crops, local_size=c.local_size, local_scale=c.local_scale,
         )

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline import ViewSpec
+from pipeline import MulticropViews
 from train.objectives.dino import DINO, DistillationConfig, at_least_fp32, entropy, teacher_targets
 from train.sinkhorn import sinkhorn_per_sample
 
@@ -207,12 +207,12 @@ class DoRA(DINO):
             raise ValueError(f"dora.objects={cfg.objects}: {arch} has only {num_heads} attention heads "
                              "(one object per head)")
 
-    def views(self) -> ViewSpec:
+    def views(self) -> MulticropViews:
         c = self.cfg
-        # size marks a clip-level region (the reference's 300 px crop) that every crop is drawn from
-        return ViewSpec(
-            family="multicrop", frames=c.frames, stride=c.frame_stride, size=300, scale=c.region_scale,
-            flip=True, color=True, per_frame_color=True, per_frame_local_boxes=True, first_global_blur=0.1,
+        # every crop is drawn inside a clip-level region (the reference's 300 px crop)
+        return MulticropViews(
+            frames=c.frames, stride=c.frame_stride, region=True, scale=c.region_scale,
+            flip=True, color=True, per_frame_color=True, per_frame_local_boxes=True, global_blur=(0.1, 0.1),
             global_crops=1, global_size=c.global_size, global_scale=c.global_scale,
             local_crops=c.local_crops, local_size=c.local_size, local_scale=c.local_scale,
         )

@@ -28,7 +28,7 @@ from torch import nn
 
 import models
 from models.heads import MLP
-from pipeline import ViewSpec
+from pipeline import MulticropViews
 from train.objectives.base import Objective
 from train.optim import cosine_schedule
 from train.queue import FeatureQueue
@@ -315,12 +315,14 @@ class NeCo(Objective):
                                     ) if cfg.queue_size else None
         self._sorters: dict = {}
 
-    def views(self) -> ViewSpec:
+    def views(self) -> MulticropViews:
         c = self.cfg
-        return ViewSpec(family="multicrop", frames=c.frames, stride=c.frame_stride if c.frames > 1 else 1,
-                        flip=c.flip, color=True, jitter=c.jitter, global_crops=c.global_crops,
-                        global_size=c.global_size, global_scale=c.global_scale, local_crops=c.local_crops,
-                        local_size=c.local_size, local_scale=c.local_scale, min_overlap=c.min_overlap, boxes=True)
+        # NeCoTransforms' colour: jitter p 0.8, grayscale 0.2, blur p 0.5 on every crop, no solarize
+        return MulticropViews(frames=c.frames, stride=c.frame_stride if c.frames > 1 else 1,
+                              flip=c.flip, color=True, jitter=c.jitter, global_crops=c.global_crops,
+                              global_size=c.global_size, global_scale=c.global_scale, local_crops=c.local_crops,
+                              local_size=c.local_size, local_scale=c.local_scale, min_overlap=c.min_overlap,
+                              boxes=True, global_blur=(0.5, 0.5), global_solarize=(0.0, 0.0))
 
     def momentum(self, step: int) -> float:
         return cosine_schedule(step, self.cfg.momentum_teacher, 1.0, self.total_steps)

@@ -29,7 +29,7 @@ from torch import nn
 
 import models
 from models.slots import SlotAttention, SMTCSlots, semantic_instance_cosine
-from pipeline import ViewSpec
+from pipeline import ClipViews
 from train.objectives.base import Objective
 from train.sinkhorn import sinkhorn_transport_plan
 from train.teacher import EMATeacher
@@ -231,9 +231,9 @@ class SMTC(Objective):
                               instance_gate=c.gate_threshold, reparameterize=c.reparameterize, gate=c.instance_gate)
         return SMTCSlots(encoder, (side, side), slots, correlation_wrap=c.correlation_wrap)
 
-    def views(self) -> ViewSpec:
+    def views(self) -> ClipViews:
         c = self.cfg
-        return ViewSpec(family="clip", frames=c.clip_len, stride=c.frame_stride, size=c.size, scale=c.crop_scale,
+        return ClipViews(frames=c.clip_len, stride=c.frame_stride, size=c.size, scale=c.crop_scale,
                         ratio=c.crop_ratio, flip=False, color=True, jitter=c.jitter, color_draws=2)
 
     def losses(self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import models
-from pipeline import ViewSpec
+from pipeline import ClipViews
 from train.objectives.base import Objective
 from train.optim import cosine_schedule
 from train.queue import FeatureQueue
@@ -190,9 +190,9 @@ class TimeT(Objective):
             self.teacher_head = EMATeacher(self.student_head)
         self.queue = FeatureQueue(cfg.queue_size, cfg.head_dims[-1]) if cfg.queue_size else None
 
-    def views(self) -> ViewSpec:
+    def views(self) -> ClipViews:
         c = self.cfg
-        return ViewSpec(family="clip", frames=c.clip_len, stride=c.frame_stride, size=c.size, scale=c.crop_scale,
+        return ClipViews(frames=c.clip_len, stride=c.frame_stride, size=c.size, scale=c.crop_scale,
                         flip=True, color=True, jitter=c.jitter)
 
     def momentum(self, step: int) -> float:
