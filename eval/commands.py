@@ -34,7 +34,7 @@ def run_labelprop(args, backbone, device) -> tuple[dict, str]:
     cfg = config_from_args(args)
     sequences = open_sequences(args.data, subset=args.set)
     timing = label_prop.propagate_sequences(progress(sequences, desc="labelprop", unit="seq"),
-                                            dense_features(backbone, args.layer, upsample=cfg.upsample),
+                                            dense_features(backbone, args.layer, cfg.upsample, cfg.final_norm),
                                             feature_stride(backbone), cfg, args.out, device, args.batch,
                                             pads=pads_to_cover_frame(backbone))
     result = {"protocol": args.protocol, "config": asdict(cfg), "timing": timing}

@@ -46,17 +46,20 @@ def normalise_frames(frames: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return (x - mean_t) / std_t
 
 
-def dense_features(backbone: nn.Module, layer: int = 1, upsample: int = 1) -> FeatureFn:
+def dense_features(backbone: nn.Module, layer: int = 1, upsample: int = 1, final_norm: bool | None = None
+                   ) -> FeatureFn:
     """Normalised float frames (B, 3, H, W) -> (B, D, h, w) L2-normalised features. ViTs: output of the
     ``layer``-th block from the end after the final LayerNorm, CLS and registers dropped (DINO's protocol), or
-    before it when the backbone was built with ``dense_norm=False`` (SMTC's protocol; recorded in its export);
+    before it when ``final_norm`` is False, or when it is None and the backbone was built with
+    ``dense_norm=False`` (SMTC's and SelfPatch's protocols; recorded in their exports);
     CNN encoders (``out_channels``): their map. ``upsample`` > 1 bilinearly enlarges the map by that factor
     before the L2 normalisation (SMTC's stride-16 -> 8 setting B), so the cells are ``stride / upsample`` pixels."""
 
     @torch.inference_mode()
     def features(x: torch.Tensor) -> torch.Tensor:
         if hasattr(backbone, "get_intermediate_layers"):
-            tokens = backbone.get_intermediate_layers(x, n=layer, norm=getattr(backbone, "dense_norm", True))[0]
+            norm = getattr(backbone, "dense_norm", True) if final_norm is None else final_norm
+            tokens = backbone.get_intermediate_layers(x, n=layer, norm=norm)[0]
             patch = backbone.patch_size
             h, w = x.shape[-2] // patch, x.shape[-1] // patch
             tokens = tokens[:, backbone.num_prefix_tokens:]  # drop CLS (DINO's protocol) and any registers

@@ -34,6 +34,9 @@ class PropagationConfig:
                                      # (SMTC's eval_prop); "antialias": antialiased bilinear rounded to uint8
                                      # (shrinking frames a lot, e.g. a CPU budget's short side, without aliasing)
     std: tuple[float, float, float] = DINO_SCRIPT_STD  # per-channel std of the normalisation (mean: ImageNet's)
+    final_norm: bool | None = None   # ViT features after the final LayerNorm; None: the backbone's own choice
+                                     # (after it, except SMTC / SelfPatch exports); False: SMTC's eval_prop, whose
+                                     # encoder returns the last block's output
     size_multiple: int = 64          # floor the resized long side to a multiple of this (if the stride divides it)
     upsample: int = 1                # bilinear feature-map upsampling before propagation (SMTC setting B: 2)
     tile: int = 8                    # query tile side in cells (memory and speed knob; results identical)
@@ -56,7 +59,7 @@ PRESETS = {
                              short_side=None, resize="bilinear", std=IMAGENET_STD),
 }
 # SMTC's setting A (ViT-S/16 features through CRW's propagation; evaluation.md §2.5): top-7, radius 7, T 0.2
-PRESETS["smtc"] = replace(PRESETS["crw"], topk=7, radius=7.0, temperature=0.2)
+PRESETS["smtc"] = replace(PRESETS["crw"], topk=7, radius=7.0, temperature=0.2, final_norm=False)
 # SMTC's setting B (features interpolated to stride 8 before the L2 norm): top-28, radius 35, T 0.2
 PRESETS["smtc_upsampled"] = replace(PRESETS["smtc"], topk=28, radius=35.0, upsample=2)
 
@@ -77,13 +80,16 @@ def add_propagation_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upsample", type=int,
                         help="bilinear feature upsampling before propagation (smtc_upsampled 2: stride 16->8, 14->7)")
     parser.add_argument("--tile", type=int, help="query tile side in cells (speed/memory only; default 8)")
+    parser.add_argument("--final-norm", action=argparse.BooleanOptionalAction, default=None,
+                        help="ViT features after the final LayerNorm (default: the preset's; smtc reads them before "
+                             "it, as SMTC's script does; dino and crw: the checkpoint's own choice)")
     parser.add_argument("--layer", type=int, default=1, help="ViT block counted from the end (1 = last)")
     parser.add_argument("--batch", type=int, default=8, help="frames per backbone forward")
 
 
 def config_from_args(args: argparse.Namespace) -> PropagationConfig:
     overrides = {k: getattr(args, k) for k in ("context", "topk", "radius", "neighbourhood", "temperature", "tile",
-                                                  "upsample", "resize")
+                                                  "upsample", "resize", "final_norm")
                  if getattr(args, k) is not None}
     if args.short_side is not None:
         overrides["short_side"] = args.short_side or None

@@ -198,3 +198,15 @@ def test_smtc_label_grid_and_upsampled_features():
         ours = fmap if scale == 1 else F.interpolate(fmap, scale_factor=2, mode="bilinear", align_corners=False)
         torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
     assert PRESETS["smtc_upsampled"].upsample == 2
+
+
+def test_smtc_reads_the_last_block_before_the_final_norm():
+    """SMTC's encoder forward (src/model/vision_transformer.py VisionTransformer.forward) returns the last
+    block's patch tokens without the final LayerNorm, whatever checkpoint it was loaded from."""
+    vit = models.build("vit_tiny_patch16", depth=2).eval()
+    x = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+    last_block = vit.get_intermediate_layers(x, n=1, norm=False)[0][:, 1:].transpose(1, 2).reshape(1, -1, 2, 3)
+    smtc = dense_features(vit, final_norm=PRESETS["smtc"].final_norm)(x)
+    torch.testing.assert_close(smtc, F.normalize(last_block, dim=1))
+    assert not torch.allclose(dense_features(vit, final_norm=PRESETS["dino"].final_norm)(x), smtc)
+    assert PRESETS["smtc_upsampled"].final_norm is False
