@@ -27,8 +27,8 @@ def test_table_row_shows_scores_and_gains():
     assert line.endswith("| +0.200 | +0.100 |") and "0.590 / 0.390 / 0.490" in line
 
 
-def test_every_method_has_both_budgets():
-    assert all(set(budgets) == {"cpu", "gpu"} for budgets in SETTINGS.values())
+def test_every_method_has_both_budgets_on_synthetic_and_real_data():
+    assert all(set(budgets) == {"cpu", "gpu", "cpu-real", "gpu-real"} for budgets in SETTINGS.values())
 
 
 def test_a_row_that_fine_tunes_names_its_start():
@@ -47,7 +47,7 @@ def test_methods_are_trained_after_the_run_they_start_from():
     assert with_starts(["crw"], "cpu") == ["crw"]
 
 
-@pytest.mark.parametrize("budget", ["cpu", "gpu"])
+@pytest.mark.parametrize("budget", ["cpu", "gpu", "cpu-real"])
 @pytest.mark.parametrize("method", sorted(SETTINGS))
 def test_every_setting_is_a_valid_configuration(method, budget):
     setting = SETTINGS[method][budget]
