@@ -16,6 +16,7 @@ endif
 DEMO ?= .demo
 # make gpu-report: every GPU check and benchmark in one time-boxed run (python -m train.gpu_report --help).
 # DEVICE=cpu is the dry run at tiny sizes; on a lent GPU: make gpu-report PYTHON=python3 OUT=$$OUT
+# (with TRAIN="SRC ..." EVAL=DAVIS_DIR, as for demo-real, its learning benchmark runs on real video).
 DEVICE ?= cuda
 BUDGET ?= 480
 OUT ?= gpu-report
@@ -60,4 +61,5 @@ clean-demo:
 	rm -rf $(DEMO) $(DEMO_REAL)
 
 gpu-report:
-	$(PYTHON) -m train.gpu_report --device $(DEVICE) --budget $(BUDGET) --out $(OUT)
+	$(PYTHON) -m train.gpu_report --device $(DEVICE) --budget $(BUDGET) --out $(OUT) \
+		$(if $(TRAIN),--train-data $(TRAIN) --eval-data $(EVAL))
