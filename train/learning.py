@@ -33,7 +33,8 @@ from pathlib import Path
 from eval import run as eval_run
 from shard_tools.manifest import load_manifest
 from shard_tools.synth import make_dataset
-from train.real_data import Input, InputError, RealData, check_no_overlap, parse_eval_input, parse_input, prepare_real_data
+from train.real_data import (Input, InputError, RealData, check_no_overlap, parse_eval_input, parse_input,
+                             prepare_real_data)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = ("cpu", "gpu")
@@ -106,7 +107,7 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "cpu": Setting(400, (*VIT_TINY_CPU, *small_crops_and_head("dino")), "dino", 192),
         "gpu": Setting(3000, ("--data.batch_size", "64", "--dino.local_crops", "6", "--dino.out_dim", "4096"),
                        "dino", 480),
-        "cpu-real": Setting(400, (*VIT_TINY_CPU, *small_crops_and_head("dino")), "dino", 320),
+        "cpu-real": Setting(200, (*VIT_TINY_CPU, *small_crops_and_head("dino")), "dino", 320),
     },
     "selfpatch": {
         "cpu": Setting(400, (*VIT_TINY_CPU, *small_crops_and_head("selfpatch"), "--selfpatch.patch_out_dim", "256"),
@@ -318,7 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.train_data or args.eval_data:
         try:   # every check before anything is written
             if not (args.train_data and args.eval_data):
-                raise InputError("--train-data and --eval-data go together (real training data, real sequences to score)")
+                raise InputError("--train-data and --eval-data go together (real videos to train on, "
+                                 "real sequences to score)")
             real = [parse_input(text) for text in args.train_data], parse_eval_input(args.eval_data)
             check_no_overlap(*real)
             with_starts(args.methods, f"{args.budget}-real")
