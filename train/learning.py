@@ -168,6 +168,10 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         # the reference's neco_dino.yml 1e-5
         "gpu": Setting(1000, ("--model.arch", "vit_small_patch16", "--neco.local_size", "96",
                               "--optim.backbone_lr_mult", "0.1"), "dino", 480, start_from="dino"),
+        "cpu-real": Setting(60, ("--model.arch", "vit_tiny_patch16", "--model.drop_path", "0", "--data.batch_size",
+                                 "8", "--neco.global_size", "64", "--neco.local_size", "32", "--neco.local_crops", "2",
+                                 "--neco.roi_size", "4", "--neco.proj_hidden_dim", "256", "--optim.lr", "1e-4",
+                                 "--optim.backbone_lr_mult", "1"), "dino", 320, start_from="dino"),
     },
 }
 # The GPU budget's real-data rows are its synthetic rows: paper-size recipes, set by the papers for
