@@ -27,10 +27,12 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from eval import run as eval_run
+from eval.davis_io import open_sequences
+from eval.propagation_config import PRESETS
 from shard_tools.manifest import load_manifest
 from shard_tools.synth import make_dataset
 from train.real_data import (Input, InputError, RealData, check_no_overlap, parse_eval_input, parse_input,
@@ -243,12 +245,29 @@ def train(method: str, setting: Setting, budget: str, shards: Path, run_dir: Pat
 
 
 def label_propagation(features: list[str], davis: Path, setting: Setting, out: Path) -> dict:
-    """J&F / J / F of eval/run.py labelprop with the method's protocol (``features``: its extra flags)."""
+    """J&F / J / F of eval/run.py labelprop with the method's protocol (``features``: its extra flags).
+
+    A rerun reuses the scores in ``out`` when they were computed with the same arguments, propagation
+    settings and scored sequences, after the weights were last written: scoring real sequences with
+    the ``crw`` preset takes minutes per network on a CPU."""
     argv = ["labelprop", *features, "--data", str(davis), "--protocol", setting.protocol,
             "--short-side", str(setting.short_side), "--out", str(out)]
+    key = {"argv": argv, "sequences": [s.name for s in open_sequences(davis)],
+           "config": json.loads(json.dumps(asdict(replace(PRESETS[setting.protocol],
+                                                          short_side=setting.short_side or None))))}
+    record = out / "benchmark-scores.json"
+    weights = Path(features[1]) if features[0] == "--ckpt" else None
+    weights = weights / "backbone.safetensors" if weights is not None and weights.is_dir() else weights
+    if record.is_file() and (weights is None or record.stat().st_mtime > weights.stat().st_mtime):
+        previous = json.loads(record.read_text())
+        if previous["key"] == key:
+            print(f"$ python eval/run.py {' '.join(argv)}  (scored before: {record})", flush=True)
+            return previous["scores"]
     print("$ python eval/run.py " + " ".join(argv), flush=True)
     scores = eval_run.main(argv)["scores"]
-    return {"J&F": scores["J&F-Mean"], "J": scores["J-Mean"], "F": scores["F-Mean"], "argv": argv}
+    result = {"J&F": scores["J&F-Mean"], "J": scores["J-Mean"], "F": scores["F-Mean"], "argv": argv}
+    record.write_text(json.dumps({"key": key, "scores": result}, indent=1) + "\n")
+    return result
 
 
 def benchmark(methods: list[str], budget: str, out: Path, real: tuple[list[Input], Input] | None = None) -> dict:

@@ -9,7 +9,7 @@ from eval.davis_io import open_sequences
 from pipeline.reader import ShardDataset
 from shard_tools import pack
 from train import learning
-from train.real_data import RealData, parse_eval_input, parse_input, prepare_real_data
+from train.real_data import RealData, link_sequences, parse_eval_input, parse_input, prepare_real_data
 
 
 def refused(capsys, out, *argv):
@@ -87,3 +87,20 @@ def test_mixed_inputs_are_packed_into_one_training_set(tmp_path, synth_raw, davi
     packed = {m: m.stat().st_mtime_ns for m in (tmp_path / "data" / "shards" / "parts").glob("*/manifest.json")}
     prepare_real_data(train, scored, tmp_path, data)      # a rerun reuses what was packed
     assert packed == {m: m.stat().st_mtime_ns for m in (tmp_path / "data" / "shards" / "parts").glob("*/manifest.json")}
+
+
+def test_scores_are_reused_until_the_weights_or_the_sequences_change(tmp_path, davis_dir, monkeypatch):
+    setting = learning.Setting(1, (), "dino", 96)
+    first = learning.label_propagation(["--features", "pixels"], davis_dir, setting, tmp_path / "pixels")
+
+    def no_scoring(argv):
+        raise AssertionError("scored again")
+    monkeypatch.setattr(learning.eval_run, "main", no_scoring)
+    assert learning.label_propagation(["--features", "pixels"], davis_dir, setting, tmp_path / "pixels") == first
+    one = link_sequences(parse_eval_input(f"{davis_dir}:synth00"), tmp_path / "one")
+    with pytest.raises(AssertionError, match="scored again"):   # another scored selection
+        learning.label_propagation(["--features", "pixels"], one, setting, tmp_path / "pixels")
+    with pytest.raises(AssertionError, match="scored again"):   # another short side
+        learning.label_propagation(["--features", "pixels"], davis_dir, learning.Setting(1, (), "dino", 64),
+                                   tmp_path / "pixels")
+
