@@ -70,9 +70,10 @@ DATA = {
     "cpu": Data(train_videos=48, eval_sequences=4, frames=32, width=128, height=96),
     "gpu": Data(train_videos=256, eval_sequences=8, frames=48, width=256, height=192),
 }
-# Real inputs (--train-data) are packed at this short side, in 1-s samples on the CPU (the 10
-# davis16-dev sequences and 3 short videos make ~60 samples: an epoch of a few steps, as the 48
-# synthetic videos give).
+# Real inputs (--train-data) are packed at this short side, in 1-s samples on the CPU (6 DAVIS
+# sequences and 3 short videos make 36 samples: an epoch of 4 steps at batch 8, as the 48 synthetic
+# videos give 6). The cpu-real rows propagate at short side 320, where raw pixels score 0.50 on real
+# DAVIS sequences against 0.31 at 192 (docs/learning.md section 11).
 REAL_DATA = {
     "cpu": RealData(short_side=160, clip_seconds=1),
     "gpu": RealData(short_side=256, clip_seconds=2),
