@@ -16,11 +16,12 @@ endif
 DEMO ?= .demo
 # make gpu-report: every GPU check and benchmark in one time-boxed run (python -m train.gpu_report --help).
 # DEVICE=cpu is the dry run at tiny sizes; on a lent GPU: make gpu-report PYTHON=python3 OUT=$$OUT
+# (with TRAIN="SRC ..." EVAL=DAVIS_DIR, as for demo-real, its learning benchmark runs on real video).
 DEVICE ?= cuda
 BUDGET ?= 480
 OUT ?= gpu-report
 
-.PHONY: test demo bench clean-demo gpu-report
+.PHONY: test demo demo-real bench clean-demo gpu-report
 
 $(VENV)/.densevid-installed: pyproject.toml
 	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -46,8 +47,19 @@ demo: $(ENV)
 	$(PYTHON) -m train.report --bench $(DEMO)
 	@echo "demo report: $(DEMO)/report.md (table: $(DEMO)/learning.md, runs: $(DEMO)/runs/)"
 
+# The same report on real video: train on TRAIN (video files, folders of videos, DAVIS-layout folders,
+# packed datasets; DIR:NAME,... chooses sequences) and score the DAVIS-layout sequences of EVAL, none
+# of which may be trained on. E.g. make demo-real TRAIN="videos/ DAVIS:bmx-trees,camel" EVAL=DAVIS:blackswan
+DEMO_REAL ?= .demo-real
+demo-real: $(ENV)
+	@test -n "$(TRAIN)" && test -n "$(EVAL)" || { echo 'usage: make demo-real TRAIN="SRC ..." EVAL=DAVIS_DIR[:NAME,...]' >&2; exit 2; }
+	$(PYTHON) -m train.learning --methods $(DEMO_METHODS) --budget cpu --train-data $(TRAIN) --eval-data $(EVAL) --out $(DEMO_REAL)
+	$(PYTHON) -m train.report --bench $(DEMO_REAL)
+	@echo "real-video demo report: $(DEMO_REAL)/report.md (table: $(DEMO_REAL)/learning.md)"
+
 clean-demo:
-	rm -rf $(DEMO)
+	rm -rf $(DEMO) $(DEMO_REAL)
 
 gpu-report:
-	$(PYTHON) -m train.gpu_report --device $(DEVICE) --budget $(BUDGET) --out $(OUT)
+	$(PYTHON) -m train.gpu_report --device $(DEVICE) --budget $(BUDGET) --out $(OUT) \
+		$(if $(TRAIN),--train-data $(TRAIN) --eval-data $(EVAL))

@@ -153,3 +153,11 @@ def test_pack_warns_when_it_would_upscale(tmp_path, synth_raw):
     assert proc.returncode == 0, proc.stderr
     assert "warning: 6 of 6 source(s) are smaller than --short-side 256 and were upscaled" in proc.stderr
     assert "128x96); pass --short-side 96" in proc.stderr
+
+
+def test_learning_refuses_scoring_a_trained_sequence_in_one_line(tmp_path, davis_dir):
+    proc = subprocess.run([sys.executable, "-m", "train.learning", "--train-data", str(davis_dir), "--eval-data",
+                           f"{davis_dir}:synth01", "--out", str(tmp_path / "bench")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert_one_line_usage_error(proc, "--eval-data sequence(s) synth01 also in --train-data")
+    assert not (tmp_path / "bench").exists()

@@ -13,7 +13,8 @@ Steps, in this order, each run as its own subprocess with a timeout:
   5. training: train/run.py --report for every objective in train.objectives.OBJECTIVES, at the
      per-GPU batch of its YAML: samples/s, data wait, MFU, peak memory
   6. label propagation: eval/bench_label_prop.py at 480p on the ViT-S/16 and ViT-S/8 grids
-  7. learning benchmark: python -m train.learning --budget gpu, with what time is left
+  7. learning benchmark: python -m train.learning --budget gpu, with what time is left (on real video
+     with --train-data SRC ... --eval-data DAVIS_DIR, passed on to it)
 
 Time: step k must end by start + budget x (its share + the shares before it), so the time an early
 step leaves unused goes to the later ones, and no step can eat the budget of all the others. A step
@@ -405,6 +406,7 @@ class Context:
     clock: Clock
     env: dict = field(default_factory=dict)
     shards: dict = field(default_factory=dict)
+    learning_data: list = field(default_factory=list)   # --train-data ... --eval-data ... for step 7 (real video)
 
     @property
     def has_dali(self) -> bool:
@@ -762,7 +764,7 @@ def step_learning(ctx: Context, section: Section, deadline: float) -> None:
         return
     out = ctx.work / "learning"
     shutil.rmtree(out, ignore_errors=True)
-    run = ctx.run(["-m", "train.learning", "--budget", "gpu", "--out", str(out)], deadline)
+    run = ctx.run(["-m", "train.learning", "--budget", "gpu", *ctx.learning_data, "--out", str(out)], deadline)
     section.runs.append(run)
     section.status = run.status()
     results = {str(p.relative_to(out)): json.loads(p.read_text()) for p in sorted(out.glob("*.json"))[:8]} \
@@ -860,12 +862,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run only these steps (the environment is always probed); the others' time goes "
                              "to them, e.g. --only models train to repeat two steps")
     parser.add_argument("--python", default=sys.executable, help="interpreter of the steps (default: this one)")
+    parser.add_argument("--train-data", nargs="+", metavar="SRC", default=[],
+                        help="step 7 trains on these real inputs (python -m train.learning --train-data) ...")
+    parser.add_argument("--eval-data", metavar="DAVIS_DIR", help="... and scores these DAVIS sequences (--eval-data)")
     parser.add_argument("--environment", action="store_true", help="print step 1's environment probe as JSON and exit")
     args = parser.parse_args(argv)
     args.dry_run = args.dry_run or args.device == "cpu"
     args.device = "cpu" if args.dry_run else "cuda"
     if not args.budget > 0:
         parser.error(f"--budget {args.budget:g}: give the seconds all steps may take together, e.g. --budget 480")
+    if bool(args.train_data) != bool(args.eval_data):
+        parser.error("--train-data and --eval-data go together (step 7 on real video)")
     return args
 
 
@@ -891,7 +898,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args.python, out / "steps.log")
     clock = Clock(args.budget)
     sizes = DRY_SIZES if args.dry_run else gpu_sizes(os.cpu_count() or 1)
-    ctx = Context(args.device, args.dry_run, sizes, work, runner, clock)
+    ctx = Context(args.device, args.dry_run, sizes, work, runner, clock,
+                  learning_data=["--train-data", *args.train_data, "--eval-data", args.eval_data] if args.eval_data else [])
     import platform
     meta = {"dry_run": args.dry_run, "device": args.device, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.node()}, {os.cpu_count()} CPU cores", "git": git_revision(),

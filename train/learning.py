@@ -2,13 +2,19 @@
 
     python -m train.learning --methods crw dino --budget cpu --out DIR     (minutes on a CPU)
     python -m train.learning --methods crw dino --budget gpu --out DIR     (minutes on one GPU)
+    python -m train.learning --methods crw dino --budget cpu --out DIR \
+        --train-data videos/ DAVIS:bmx-trees,camel --eval-data DAVIS:blackswan,libby     (real video)
 
-For the budget it writes a synthetic training set and held-out DAVIS-layout sequences rendered with
-another seed (shard_tools/synth.py), packs the training videos, trains every method through
-train/run.py with the budget's settings (SETTINGS below), then scores label propagation on the
-held-out sequences for (a) the trained backbone, (b) the same network at its initialisation (the
-run's init/backbone.safetensors: same seed, 0 steps) and (c) raw pixels. It prints and writes
-DIR/learning.json and DIR/learning.md. Rerunning reuses the data and continues finished runs.
+Without --train-data it writes a synthetic training set and held-out DAVIS-layout sequences
+rendered with another seed (shard_tools/synth.py); with --train-data and --eval-data it packs the
+real inputs that are not packed yet and scores the chosen DAVIS sequences (train/real_data.py:
+video files, folders of videos, DAVIS-layout folders, packed datasets; PATH:NAME,... chooses
+sequences; a sequence both trained on and scored is refused). It trains every method through
+train/run.py with the budget's settings (SETTINGS below: a row per budget, and a "-real" row for
+real frames), then scores label propagation on the held-out sequences for (a) the trained backbone,
+(b) the same network at its initialisation (the run's init/backbone.safetensors: same seed, 0
+steps) and (c) raw pixels. It prints and writes DIR/learning.json and DIR/learning.md. Rerunning
+reuses the data and continues finished runs.
 
 Adding a method is one entry per budget in SETTINGS.
 """
@@ -21,12 +27,16 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from eval import run as eval_run
+from eval.davis_io import open_sequences
+from eval.propagation_config import PRESETS
 from shard_tools.manifest import load_manifest
 from shard_tools.synth import make_dataset
+from train.real_data import (Input, InputError, RealData, check_no_overlap, parse_eval_input, parse_input,
+                             prepare_real_data)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = ("cpu", "gpu")
@@ -60,6 +70,14 @@ DATA = {
     "cpu": Data(train_videos=48, eval_sequences=4, frames=32, width=128, height=96),
     "gpu": Data(train_videos=256, eval_sequences=8, frames=48, width=256, height=192),
 }
+# Real inputs (--train-data) are packed at this short side, in 1-s samples on the CPU (6 DAVIS
+# sequences and 3 short videos make 36 samples: an epoch of 4 steps at batch 8, as the 48 synthetic
+# videos give 6). The cpu-real rows propagate at short side 320, where raw pixels score 0.50 on real
+# DAVIS sequences against 0.31 at 192 (docs/learning.md section 11).
+REAL_DATA = {
+    "cpu": RealData(short_side=160, clip_seconds=1),
+    "gpu": RealData(short_side=256, clip_seconds=2),
+}
 
 # The 128x96 CPU frames are propagated at short side 192 (a 32x24 grid of stride-8 cells); the CRW
 # CPU run cuts 32-px patches from 96-px crops. The CPU ViT rows share one ViT-Ti/16 recipe: batch 8,
@@ -84,17 +102,23 @@ SETTINGS: dict[str, dict[str, Setting]] = {
                              "--optim.lr", "1e-3", "--optim.min_lr", "1e-4"), "crw", 192),
         "gpu": Setting(3000, ("--data.batch_size", "20", "--crw.size", "256", "--crw.frame_stride", "2"),
                        "crw", 480),
+        "cpu-real": Setting(60, ("--model.arch", "resnet18_crw_w16", "--data.batch_size", "8", "--crw.size", "96",
+                                  "--crw.patch_size", "32", "--crw.patch_stride", "16", "--crw.frame_stride", "2",
+                                  "--optim.lr", "1e-3", "--optim.min_lr", "1e-4"), "crw", 320),
     },
     "dino": {
         "cpu": Setting(400, (*VIT_TINY_CPU, *small_crops_and_head("dino")), "dino", 192),
         "gpu": Setting(3000, ("--data.batch_size", "64", "--dino.local_crops", "6", "--dino.out_dim", "4096"),
                        "dino", 480),
+        "cpu-real": Setting(200, (*VIT_TINY_CPU, *small_crops_and_head("dino")), "dino", 320),
     },
     "selfpatch": {
         "cpu": Setting(400, (*VIT_TINY_CPU, *small_crops_and_head("selfpatch"), "--selfpatch.patch_out_dim", "256"),
                        "dino", 192),
         "gpu": Setting(3000, ("--data.batch_size", "64", "--selfpatch.local_crops", "6",
                               "--selfpatch.out_dim", "4096", "--selfpatch.patch_out_dim", "1024"), "dino", 480),
+        "cpu-real": Setting(400, (*VIT_TINY_CPU, *small_crops_and_head("selfpatch"),
+                                   "--selfpatch.patch_out_dim", "256"), "dino", 320),
     },
     "dora": {
         # 4 frames 4 packed frames apart (the 32-frame videos hold no 8 x 20); the epoch-denominated
@@ -106,6 +130,9 @@ SETTINGS: dict[str, dict[str, Setting]] = {
                               "--optim.lr_scaling", "none", "--optim.lr", "1.25e-4",   # the DINO row's peak
                               "--optim.warmup_epochs", "10", "--dora.freeze_last_layer_epochs", "1",
                               "--dora.warmup_teacher_temp_epochs", "0"), "dino", 480),
+        "cpu-real": Setting(200, (*VIT_TINY_CPU, *small_crops_and_head("dora"), "--dora.frames", "4",
+                                  "--dora.frame_stride", "4", "--dora.freeze_last_layer_epochs", "1",
+                                  "--dora.warmup_teacher_temp_epochs", "0"), "dino", 320),
     },
     "timet": {
         "cpu": Setting(100, ("--model.arch", "vit_tiny_patch16", "--data.batch_size", "8", "--timet.size", "96",
@@ -113,6 +140,9 @@ SETTINGS: dict[str, dict[str, Setting]] = {
                        "dino", 192, start_from="dino"),
         "gpu": Setting(1000, ("--data.batch_size", "32", "--timet.frame_stride", "8"), "dino", 480,
                        start_from="dino"),
+        "cpu-real": Setting(100, ("--model.arch", "vit_tiny_patch16", "--data.batch_size", "8", "--timet.size", "96",
+                                  "--timet.frame_stride", "4", "--timet.num_prototypes", "32", "--optim.lr", "1e-3"),
+                            "dino", 320, start_from="dino"),
     },
     "smtc": {
         # The encoder trains at the head's LR from step 0: smtc.yaml's 3000 frozen steps and x0.01
@@ -124,6 +154,10 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "gpu": Setting(1000, ("--data.batch_size", "16", "--optim.lr_scaling", "none", "--optim.lr", "1e-4",
                               "--optim.backbone_frozen_steps", "0", "--optim.backbone_lr_mult", "1"), "smtc", 480,
                        start_from="dino"),
+        "cpu-real": Setting(60, ("--model.arch", "vit_tiny_patch16", "--model.drop_path", "0", "--data.batch_size",
+                                 "4", "--smtc.size", "64", "--optim.lr", "1e-4", "--optim.lr_scaling", "none",
+                                 "--optim.backbone_frozen_steps", "0", "--optim.backbone_lr_mult", "1"),
+                            "smtc", 320, start_from="dino"),
     },
     "neco": {
         # NeCo post-trains the DINO row's network (the reference post-trains DINO with neco_dino.yml): 64-px
@@ -137,8 +171,16 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         # the reference's neco_dino.yml 1e-5
         "gpu": Setting(1000, ("--model.arch", "vit_small_patch16", "--neco.local_size", "96",
                               "--optim.backbone_lr_mult", "0.1"), "dino", 480, start_from="dino"),
+        "cpu-real": Setting(60, ("--model.arch", "vit_tiny_patch16", "--model.drop_path", "0", "--data.batch_size",
+                                 "8", "--neco.global_size", "64", "--neco.local_size", "32", "--neco.local_crops", "2",
+                                 "--neco.roi_size", "4", "--neco.proj_hidden_dim", "256", "--optim.lr", "1e-4",
+                                 "--optim.backbone_lr_mult", "1"), "dino", 320, start_from="dino"),
     },
 }
+# The GPU budget's real-data rows are its synthetic rows: paper-size recipes, set by the papers for
+# real video, here trained on --train-data and scored at 480p.
+for _rows in SETTINGS.values():
+    _rows["gpu-real"] = _rows["gpu"]
 
 
 def prepare_data(out: Path, data: Data) -> tuple[Path, Path]:
@@ -160,10 +202,13 @@ def prepare_data(out: Path, data: Data) -> tuple[Path, Path]:
 
 
 def with_starts(methods: list[str], budget: str) -> list[str]:
-    """`methods` in an order where every method comes after the one it starts from (added if missing)."""
+    """`methods` in an order where every method comes after the one it starts from (added if missing);
+    ``budget`` is a key of the methods' SETTINGS rows ("cpu", "gpu-real", ...)."""
     ordered: list[str] = []
 
     def visit(method: str) -> None:
+        if budget not in SETTINGS[method]:
+            raise InputError(f"{method} has no {budget!r} row in train/learning.py SETTINGS")
         start = SETTINGS[method][budget].start_from
         if start is not None:
             visit(start)
@@ -201,19 +246,40 @@ def train(method: str, setting: Setting, budget: str, shards: Path, run_dir: Pat
 
 
 def label_propagation(features: list[str], davis: Path, setting: Setting, out: Path) -> dict:
-    """J&F / J / F of eval/run.py labelprop with the method's protocol (``features``: its extra flags)."""
+    """J&F / J / F of eval/run.py labelprop with the method's protocol (``features``: its extra flags).
+
+    A rerun reuses the scores in ``out`` when they were computed with the same arguments, propagation
+    settings and scored sequences, after the weights were last written: scoring real sequences with
+    the ``crw`` preset takes minutes per network on a CPU."""
     argv = ["labelprop", *features, "--data", str(davis), "--protocol", setting.protocol,
             "--short-side", str(setting.short_side), "--out", str(out)]
+    key = {"argv": argv, "sequences": [s.name for s in open_sequences(davis)],
+           "config": json.loads(json.dumps(asdict(replace(PRESETS[setting.protocol],
+                                                          short_side=setting.short_side or None))))}
+    record = out / "benchmark-scores.json"
+    weights = Path(features[1]) if features[0] == "--ckpt" else None
+    weights = weights / "backbone.safetensors" if weights is not None and weights.is_dir() else weights
+    if record.is_file() and (weights is None or record.stat().st_mtime > weights.stat().st_mtime):
+        previous = json.loads(record.read_text())
+        if previous["key"] == key:
+            print(f"$ python eval/run.py {' '.join(argv)}  (scored before: {record})", flush=True)
+            return previous["scores"]
     print("$ python eval/run.py " + " ".join(argv), flush=True)
     scores = eval_run.main(argv)["scores"]
-    return {"J&F": scores["J&F-Mean"], "J": scores["J-Mean"], "F": scores["F-Mean"], "argv": argv}
+    result = {"J&F": scores["J&F-Mean"], "J": scores["J-Mean"], "F": scores["F-Mean"], "argv": argv}
+    record.write_text(json.dumps({"key": key, "scores": result}, indent=1) + "\n")
+    return result
 
 
-def benchmark(methods: list[str], budget: str, out: Path) -> dict:
-    shards, davis = prepare_data(out, DATA[budget])
+def benchmark(methods: list[str], budget: str, out: Path, real: tuple[list[Input], Input] | None = None) -> dict:
+    """Train and score every method; ``real``: the --train-data inputs and the --eval-data folder."""
+    if real is None:
+        row_key, (shards, davis) = budget, prepare_data(out, DATA[budget])
+    else:
+        row_key, (shards, davis) = f"{budget}-real", prepare_real_data(*real, out, REAL_DATA[budget])
     rows, pixels_cache = [], {}
-    for method in with_starts(methods, budget):
-        setting = SETTINGS[method][budget]
+    for method in with_starts(methods, row_key):
+        setting = SETTINGS[method][row_key]
         run_dir = out / "runs" / method
         trained = train(method, setting, budget, shards, run_dir)
         evals = out / "eval" / method
@@ -231,10 +297,12 @@ def benchmark(methods: list[str], budget: str, out: Path) -> dict:
                      "scores": scores, "gain_over_init": scores["trained"]["J&F"] - scores["init"]["J&F"],
                      "gain_over_pixels": scores["trained"]["J&F"] - scores["pixels"]["J&F"],
                      "setting": asdict(setting), "train_command": trained["command"], "run_dir": str(run_dir)})
-    result = {"budget": budget, "data": asdict(DATA[budget]), "rows": rows}
+    data = asdict(DATA[budget]) if real is None else {
+        **asdict(REAL_DATA[budget]), "train_data": [str(s) for s in real[0]], "eval_data": str(real[1])}
+    result = {"budget": row_key, "data": data, "davis": str(davis), "rows": rows}
     (out / "learning.json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown_table(rows)
-    (out / "learning.md").write_text(f"# Learning benchmark, budget {budget}\n\n{table}\n")
+    (out / "learning.md").write_text(f"# Learning benchmark, budget {row_key}\n\n{table}\n")
     print(table, flush=True)
     return result
 
@@ -264,10 +332,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", default="cpu", choices=BUDGETS,
                         help="cpu: small models for a few CPU minutes; gpu: paper-size models, minutes on one GPU")
     parser.add_argument("--out", required=True, help="output folder (data/, runs/, eval/, learning.json|md)")
+    parser.add_argument("--train-data", nargs="+", metavar="SRC",
+                        help="real training inputs instead of synthetic videos: video files, folders of videos, "
+                             "DAVIS-layout folders (frames only; PATH:NAME,... chooses sequences), packed datasets")
+    parser.add_argument("--eval-data", metavar="DAVIS_DIR",
+                        help="DAVIS-layout folder scored by label propagation (PATH:NAME,... chooses sequences); "
+                             "needs --train-data, and none of its sequences may be trained on")
     args = parser.parse_args(argv)
+    real = None
+    if args.train_data or args.eval_data:
+        try:   # every check before anything is written
+            if not (args.train_data and args.eval_data):
+                raise InputError("--train-data and --eval-data go together (real videos to train on, "
+                                 "real sequences to score)")
+            real = [parse_input(text) for text in args.train_data], parse_eval_input(args.eval_data)
+            check_no_overlap(*real)
+            with_starts(args.methods, f"{args.budget}-real")
+        except InputError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    return benchmark(args.methods, args.budget, out)
+    return benchmark(args.methods, args.budget, out, real)
 
 
 if __name__ == "__main__":

@@ -63,9 +63,9 @@ def curves(log: list[dict]) -> dict[str, np.ndarray]:
     return plots
 
 
-def truth_over_prediction(frames, truth, predicted) -> np.ndarray:
-    """Two overlay strips, the ground truth above the prediction."""
-    return np.concatenate([visualize.overlay_strip(frames, truth), visualize.overlay_strip(frames, predicted)], axis=0)
+def truth_over_prediction(frames, truth, *predicted) -> np.ndarray:
+    """Overlay strips, the ground truth above each prediction."""
+    return np.concatenate([visualize.overlay_strip(frames, masks) for masks in (truth, *predicted)], axis=0)
 
 
 def pca_strip(ckpt: str, sequence, protocol: str, short_side: int, count: int = 6) -> np.ndarray:
@@ -83,12 +83,14 @@ def pca_strip(ckpt: str, sequence, protocol: str, short_side: int, count: int = 
 def write_report(bench: Path) -> Path:
     result = json.loads((bench / "learning.json").read_text())
     images = bench / "img"
+    data = result["data"]
+    held_out = (f"real sequences that were not trained on ({data['eval_data']}; trained on "
+                f"{' '.join(data['train_data'])})" if "train_data" in data else
+                "held-out synthetic sequences (rendered with another seed than the training videos)")
     lines = [f"# densevid learning report (budget {result['budget']})", "",
-             "Label propagation on held-out synthetic sequences (rendered with another seed than the training "
-             "videos): the trained backbone, the same network at step 0, and raw 8x8 pixel cells.", "",
-             markdown_table(result["rows"]), ""]
-    davis = bench / "data" / "eval" / "davis"
-    sequences = open_sequences(davis)
+             f"Label propagation on {held_out}: the trained backbone, the same network at step 0, and raw 8x8 "
+             "pixel cells.", "", markdown_table(result["rows"]), ""]
+    sequences = open_sequences(result.get("davis", bench / "data" / "eval" / "davis"))
     for row in result["rows"]:
         method = row["method"]
         lines += [f"## {method}", "", "Training: `" + " ".join(row["train_command"][1:]) + "`", ""]
@@ -98,14 +100,15 @@ def write_report(bench: Path) -> Path:
             lines.append(f"![{method} {name}](img/{path.name})")
         for kind in ("trained", "init", "pixels"):
             lines.append(f"- {kind}: `python eval/run.py {' '.join(row['scores'][kind]['argv'])}`")
-        lines += ["", "Propagation, ground truth (top) above the trained backbone's prediction (bottom):", ""]
+        lines += ["", "Propagation: ground truth (top), the trained backbone's prediction (middle), the same "
+                      "network's at step 0 (bottom):", ""]
         for sequence in sequences[:2]:
             frames = [sequence.frame(i) for i in range(len(sequence.frames))]
             truth = [sequence.mask(stem) for stem in sequence.frame_stems]
-            out = bench / "eval" / method / "trained" / sequence.name
-            predicted = [read_mask(out / f"{stem}.png") for stem in sequence.frame_stems]
+            predicted = [[read_mask(bench / "eval" / method / kind / sequence.name / f"{stem}.png")
+                          for stem in sequence.frame_stems] for kind in ("trained", "init")]
             path = visualize.save_png(images / f"{method}-{sequence.name}-truth-over-prediction.png",
-                                      truth_over_prediction(frames, truth, predicted))
+                                      truth_over_prediction(frames, truth, *predicted))
             lines.append(f"![{sequence.name}](img/{path.name})")
         setting = row["setting"]
         for kind, ckpt in (("trained", row["run_dir"]), ("init", str(Path(row["run_dir"]) / "init"))):

@@ -138,3 +138,11 @@ def test_the_gpu_run_without_a_gpu_is_refused_with_the_dry_run_named(tmp_path, c
 def test_a_work_folder_inside_out_is_refused(tmp_path, capsys):
     assert main(["--dry-run", "--out", str(tmp_path), "--work", str(tmp_path / "work")]) == 2
     assert "error: --work" in capsys.readouterr().err and not (tmp_path / "work").exists()
+
+
+def test_real_video_for_the_learning_step_needs_both_flags(tmp_path, capsys):
+    args = gpu_report.parse_args(["--train-data", "videos", "davis:a,b", "--eval-data", "davis:c"])
+    assert (args.train_data, args.eval_data) == (["videos", "davis:a,b"], "davis:c")
+    with pytest.raises(SystemExit) as exit_:
+        gpu_report.parse_args(["--train-data", "videos"])
+    assert exit_.value.code == 2 and "go together" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import pytest
 from train.config import load_config
 from train.learning import SETTINGS, markdown_table, with_starts
 from train.run import parse_args
-from train.report import CURVE_SIZE, curves
+from train.report import CURVE_SIZE, curves, truth_over_prediction
 
 
 def test_crw_curves_include_return_accuracy_and_are_drawn():
@@ -27,8 +27,8 @@ def test_table_row_shows_scores_and_gains():
     assert line.endswith("| +0.200 | +0.100 |") and "0.590 / 0.390 / 0.490" in line
 
 
-def test_every_method_has_both_budgets():
-    assert all(set(budgets) == {"cpu", "gpu"} for budgets in SETTINGS.values())
+def test_every_method_has_both_budgets_on_synthetic_and_real_data():
+    assert all(set(budgets) == {"cpu", "gpu", "cpu-real", "gpu-real"} for budgets in SETTINGS.values())
 
 
 def test_a_row_that_fine_tunes_names_its_start():
@@ -47,7 +47,7 @@ def test_methods_are_trained_after_the_run_they_start_from():
     assert with_starts(["crw"], "cpu") == ["crw"]
 
 
-@pytest.mark.parametrize("budget", ["cpu", "gpu"])
+@pytest.mark.parametrize("budget", ["cpu", "gpu", "cpu-real"])
 @pytest.mark.parametrize("method", sorted(SETTINGS))
 def test_every_setting_is_a_valid_configuration(method, budget):
     setting = SETTINGS[method][budget]
@@ -55,3 +55,12 @@ def test_every_setting_is_a_valid_configuration(method, budget):
     args, overrides = parse_args(["--method", method, "--data", "shards", "--out", "run", *setting.train_args])
     cfg = load_config(method, overrides=overrides)   # a misspelt flag or a bad value raises here
     assert cfg.run.steps > 0
+
+
+def test_strips_show_the_truth_above_the_trained_and_the_step_0_predictions():
+    frames = [np.full((48, 64, 3), 128, np.uint8)] * 3
+    truth, trained, init = ([np.full((48, 64), label, np.uint8)] * 3 for label in (1, 0, 1))
+    picture = truth_over_prediction(frames, truth, trained, init)
+    assert picture.shape == (3 * 160, 3 * round(64 * 160 / 48), 3)   # three strips of three 160-px frames
+    row = lambda i: picture[i * 160:(i + 1) * 160]  # noqa: E731
+    assert (row(0) == row(2)).all() and not (row(0) == row(1)).all()  # each strip shows its own masks

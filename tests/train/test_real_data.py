@@ -1,0 +1,106 @@
+"""The learning benchmark on real inputs (train/real_data.py): its argument checks and the packing
+of mixed inputs, on the synthetic fixtures (no real data needed)."""
+import json
+import shutil
+
+import pytest
+
+from eval.davis_io import open_sequences
+from pipeline.reader import ShardDataset
+from shard_tools import pack
+from train import learning
+from train.real_data import RealData, link_sequences, parse_eval_input, parse_input, prepare_real_data
+
+
+def refused(capsys, out, *argv):
+    """Run the benchmark's argument checks; return its one stderr line (exit 2, nothing written)."""
+    with pytest.raises(SystemExit) as exit_:
+        learning.main(["--methods", "crw", "dino", "--budget", "cpu", "--out", str(out), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert not out.exists()
+    return err[0]
+
+
+def test_a_scored_sequence_in_a_training_davis_folder_is_refused(capsys, tmp_path, davis_dir):
+    line = refused(capsys, tmp_path / "bench", "--train-data", str(davis_dir), "--eval-data", f"{davis_dir}:synth00")
+    assert "synth00" in line and "synth01" not in line
+
+
+def test_a_scored_sequence_in_a_packed_training_set_is_refused(capsys, tmp_path, davis_dir):
+    subset = tmp_path / "subset.txt"
+    subset.write_text("synth01\n")
+    shards = tmp_path / "packed"
+    assert pack.main(["--kind", "frames", "--src", str(davis_dir / "JPEGImages" / "480p"), "--subset", str(subset),
+                      "--out", str(shards), "--short-side", "48", "--quiet"]) == 0
+    line = refused(capsys, tmp_path / "bench", "--train-data", str(shards), "--eval-data", str(davis_dir))
+    assert "synth01" in line and "synth00" not in line
+
+
+def test_a_training_video_named_like_a_scored_sequence_is_refused(capsys, tmp_path, davis_dir, synth_raw):
+    video = tmp_path / "synth00.mp4"
+    shutil.copy(next((synth_raw / "videos").rglob("*.mp4")), video)
+    assert "synth00" in refused(capsys, tmp_path / "bench", "--train-data", str(video), "--eval-data", str(davis_dir))
+
+
+@pytest.mark.parametrize("case", ["missing", "neither", "not a video", "names in a video folder", "eval not DAVIS",
+                                  "no eval", "unknown sequence"])
+def test_unusable_inputs_are_refused_in_one_line(capsys, tmp_path, davis_dir, synth_raw, case):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("no videos here")
+    videos = str(synth_raw / "videos")
+    argv, expected = {
+        "missing": (["--train-data", str(tmp_path / "nowhere"), "--eval-data", str(davis_dir)], "no such file"),
+        "neither": (["--train-data", str(notes), "--eval-data", str(davis_dir)], "neither a video file"),
+        "not a video": (["--train-data", str(notes / "readme.txt"), "--eval-data", str(davis_dir)], "not a video"),
+        "names in a video folder": (["--train-data", f"{videos}:synth01", "--eval-data", str(davis_dir)],
+                                    "DAVIS-layout folders only"),
+        "eval not DAVIS": (["--train-data", videos, "--eval-data", videos], "not a DAVIS-layout folder"),
+        "no eval": (["--train-data", videos], "go together"),
+        "unknown sequence": (["--train-data", videos, "--eval-data", f"{davis_dir}:synth00,bear"], "no sequence bear"),
+    }[case]
+    assert expected in refused(capsys, tmp_path / "bench", *argv)
+
+
+def test_mixed_inputs_are_packed_into_one_training_set(tmp_path, synth_raw, davis_dir, jpeg_shards):
+    video = next((synth_raw / "videos" / "dots").glob("*.mp4"))
+    train = [parse_input(str(video)), parse_input(str(synth_raw / "videos" / "checker")),
+             parse_input(f"{davis_dir}:synth01"), parse_input(str(jpeg_shards))]
+    assert [t.kind for t in train] == ["video", "videos", "davis", "shards"]
+    scored = parse_eval_input(f"{davis_dir}:synth00")
+    data = RealData(short_side=48, clip_seconds=0.5)
+    shards, davis = prepare_real_data(train, scored, tmp_path, data)
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    parts = [json.loads((shards / part / "manifest.json").read_text()) for part in manifest["parts"]]
+    assert len(parts) == 4 and manifest["samples"] == sum(p["samples"] for p in parts) == len(ShardDataset(shards))
+    dataset = ShardDataset(shards)
+    trained_on = lambda name: any(f"_{name}_" in key for key in dataset.keys)  # noqa: E731  <set>_<video>_<clip>
+    checker = sorted(p.stem for p in (synth_raw / "videos" / "checker").glob("*.mp4"))
+    assert all(map(trained_on, [video.stem, *checker, "synth01", f"checker-{checker[0]}"]))  # each input
+    assert not trained_on("synth00")
+    davis_part = next(p for p in parts if p["kind"] == "frames")
+    assert davis_part["samples"] == 2 and davis_part["format"] == "jpeg"   # 32 frames: two 12-frame clips, no masks
+    assert all("m000.png" not in dataset.members(i) for i in range(len(dataset)))
+    assert [s.name for s in open_sequences(davis)] == ["synth00"]
+    packed = {m: m.stat().st_mtime_ns for m in (tmp_path / "data" / "shards" / "parts").glob("*/manifest.json")}
+    prepare_real_data(train, scored, tmp_path, data)      # a rerun reuses what was packed
+    assert packed == {m: m.stat().st_mtime_ns for m in (tmp_path / "data" / "shards" / "parts").glob("*/manifest.json")}
+
+
+def test_scores_are_reused_until_the_weights_or_the_sequences_change(tmp_path, davis_dir, monkeypatch):
+    setting = learning.Setting(1, (), "dino", 96)
+    first = learning.label_propagation(["--features", "pixels"], davis_dir, setting, tmp_path / "pixels")
+
+    def no_scoring(argv):
+        raise AssertionError("scored again")
+    monkeypatch.setattr(learning.eval_run, "main", no_scoring)
+    assert learning.label_propagation(["--features", "pixels"], davis_dir, setting, tmp_path / "pixels") == first
+    one = link_sequences(parse_eval_input(f"{davis_dir}:synth00"), tmp_path / "one")
+    with pytest.raises(AssertionError, match="scored again"):   # another scored selection
+        learning.label_propagation(["--features", "pixels"], one, setting, tmp_path / "pixels")
+    with pytest.raises(AssertionError, match="scored again"):   # another short side
+        learning.label_propagation(["--features", "pixels"], davis_dir, learning.Setting(1, (), "dino", 64),
+                                   tmp_path / "pixels")
+
