@@ -95,6 +95,14 @@ def small_crops_and_head(section: str) -> tuple[str, ...]:
             f"--{section}.head_bottleneck_dim", "32")
 
 
+# NeCo post-trains the DINO row's network (the reference post-trains DINO with neco_dino.yml): 64-px globals
+# (4 x 4 patches) and 2 x 32-px locals, 4 x 4 aligned patches per pair; the head at 1e-4 and, so that 60 steps
+# move it, the backbone too (the reference's x0.1 is for 25 epochs).
+NECO_CPU = ("--model.arch", "vit_tiny_patch16", "--model.drop_path", "0", "--data.batch_size", "8",
+            "--neco.global_size", "64", "--neco.local_size", "32", "--neco.local_crops", "2",
+            "--neco.roi_size", "4", "--neco.proj_hidden_dim", "256", "--optim.lr", "1e-4",
+            "--optim.backbone_lr_mult", "1")
+
 SETTINGS: dict[str, dict[str, Setting]] = {
     "crw": {
         "cpu": Setting(60, ("--model.arch", "resnet18_crw_w16", "--data.batch_size", "8", "--crw.size", "96",
@@ -160,21 +168,12 @@ SETTINGS: dict[str, dict[str, Setting]] = {
                             "smtc", 320, start_from="dino"),
     },
     "neco": {
-        # NeCo post-trains the DINO row's network (the reference post-trains DINO with neco_dino.yml): 64-px
-        # globals (4 x 4 patches) and 2 x 32-px locals, 4 x 4 aligned patches per pair; the head at 1e-4 and,
-        # so that 60 steps move it, the backbone too (the reference's x0.1 is for 25 epochs).
-        "cpu": Setting(60, ("--model.arch", "vit_tiny_patch16", "--model.drop_path", "0", "--data.batch_size", "8",
-                            "--neco.global_size", "64", "--neco.local_size", "32", "--neco.local_crops", "2",
-                            "--neco.roi_size", "4", "--neco.proj_hidden_dim", "256", "--optim.lr", "1e-4",
-                            "--optim.backbone_lr_mult", "1"), "dino", 192, start_from="dino"),
+        "cpu": Setting(60, NECO_CPU, "dino", 192, start_from="dino"),
         # neco.yaml's batch 6; the DINO row's ViT-S/16 takes 96-px locals (whole patches), the backbone at
         # the reference's neco_dino.yml 1e-5
         "gpu": Setting(1000, ("--model.arch", "vit_small_patch16", "--neco.local_size", "96",
                               "--optim.backbone_lr_mult", "0.1"), "dino", 480, start_from="dino"),
-        "cpu-real": Setting(60, ("--model.arch", "vit_tiny_patch16", "--model.drop_path", "0", "--data.batch_size",
-                                 "8", "--neco.global_size", "64", "--neco.local_size", "32", "--neco.local_crops", "2",
-                                 "--neco.roi_size", "4", "--neco.proj_hidden_dim", "256", "--optim.lr", "1e-4",
-                                 "--optim.backbone_lr_mult", "1"), "dino", 320, start_from="dino"),
+        "cpu-real": Setting(60, NECO_CPU, "dino", 320, start_from="dino"),
     },
 }
 # The GPU budget's real-data rows are its synthetic rows: paper-size recipes, set by the papers for
