@@ -79,18 +79,18 @@ def network_size(height: int, width: int, cfg: PropagationConfig, stride: int,
 def network_input(frames: torch.Tensor, size: tuple[int, int], cfg: PropagationConfig) -> torch.Tensor:
     """uint8 (B, H, W, 3) frames -> normalised float (B, 3, h, w) at the network ``size``, resized the way
     the preset's reference script does it (``cfg.resize``) and normalised with ``cfg.std``."""
-    if tuple(frames.shape[1:3]) == tuple(size) or cfg.resize == "bilinear":
-        x = normalise_frames(frames, IMAGENET_MEAN, cfg.std)
-        if tuple(x.shape[-2:]) != tuple(size):
-            # SMTC's eval_prop interpolates the normalised float frames (no rounding, no antialiasing)
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-        return x
-    if cfg.resize == "cv2":
+    resized = tuple(frames.shape[1:3]) != tuple(size)
+    if resized and cfg.resize == "cv2":
         # DINO's read_frame: cv2.resize (INTER_LINEAR, fixed-point on uint8, no antialiasing) of each frame
-        resized = np.stack([cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-                            for frame in frames.cpu().numpy()])
-        return normalise_frames(torch.from_numpy(resized).to(frames.device), IMAGENET_MEAN, cfg.std)
-    return normalise_frames(antialiased_resize(frames, size), IMAGENET_MEAN, cfg.std)
+        frames = torch.from_numpy(np.stack([cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+                                            for frame in frames.cpu().numpy()])).to(frames.device)
+    elif resized and cfg.resize == "antialias":
+        frames = antialiased_resize(frames, size)
+    x = normalise_frames(frames, IMAGENET_MEAN, cfg.std)
+    if tuple(x.shape[-2:]) != tuple(size):
+        # "bilinear": SMTC's eval_prop interpolates the normalised float frames (no rounding, no antialiasing)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x
 
 
 def antialiased_resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
