@@ -2,6 +2,7 @@
 of mixed inputs, on the synthetic fixtures (no real data needed)."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +88,35 @@ def test_mixed_inputs_are_packed_into_one_training_set(tmp_path, synth_raw, davi
     packed = {m: m.stat().st_mtime_ns for m in (tmp_path / "data" / "shards" / "parts").glob("*/manifest.json")}
     prepare_real_data(train, scored, tmp_path, data)      # a rerun reuses what was packed
     assert packed == {m: m.stat().st_mtime_ns for m in (tmp_path / "data" / "shards" / "parts").glob("*/manifest.json")}
+
+
+def test_a_network_is_scored_once_per_content_and_setting(tmp_path, davis_dir, monkeypatch):
+    """The rows share one record per network content: a copy of scored weights (TimeT's start is the DINO
+    row's backbone) reuses the score and gets the masks; changed weights are scored again."""
+    calls = []
+
+    def fake_scoring(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "mask.png").write_bytes(argv[2].encode())
+        return {"scores": {"J&F-Mean": len(calls) / 10, "J-Mean": 0.0, "F-Mean": 0.0}}
+    monkeypatch.setattr(learning.eval_run, "main", fake_scoring)
+    setting, scored = learning.Setting(1, (), "dino", 96), tmp_path / "scores"
+    dino, timet_start, other = tmp_path / "dino.safetensors", tmp_path / "start.safetensors", tmp_path / "b.safetensors"
+    dino.write_bytes(b"weights")
+    shutil.copy(dino, timet_start)
+    other.write_bytes(b"other weights")
+
+    def score(weights, out):
+        return learning.label_propagation(["--ckpt", str(weights)], davis_dir, setting, tmp_path / out, scored)
+    first = score(dino, "dino")
+    reused = score(timet_start, "timet")
+    assert len(calls) == 1 and reused["J&F"] == first["J&F"] and str(timet_start) in reused["argv"]
+    assert (tmp_path / "timet" / "mask.png").read_bytes() == str(dino).encode()    # the scored masks, copied
+    assert score(other, "other")["J&F"] != first["J&F"] and len(calls) == 2
+    dino.write_bytes(b"trained further")                                            # same path, new content
+    assert score(dino, "dino-again")["J&F"] != first["J&F"] and len(calls) == 3
 
 
 def test_scores_are_reused_until_the_weights_or_the_sequences_change(tmp_path, davis_dir, monkeypatch):
