@@ -32,6 +32,9 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+from safetensors import safe_open
+
 from eval import run as eval_run
 from eval.davis_io import open_sequences
 from eval.propagation_config import PRESETS
@@ -239,12 +242,27 @@ def train(method: str, setting: Setting, budget: str, shards: Path, run_dir: Pat
             "log": records}
 
 
+def weights_digest(path: Path) -> str:
+    """SHA-256 of a checkpoint's content: for safetensors its metadata and tensors, not its bytes, whose
+    metadata order changes from one process to the next (the same backbone exported twice)."""
+    if path.suffix != ".safetensors":
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    with safe_open(str(path), "pt") as handle:
+        digest.update(json.dumps(handle.metadata() or {}, sort_keys=True).encode())
+        for key in sorted(handle.keys()):
+            tensor = handle.get_tensor(key).contiguous()
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def label_propagation(features: list[str], davis: Path, setting: Setting, out: Path, scored: Path | None = None) -> dict:
     """J&F / J / F of eval/run.py labelprop with the method's protocol (``features``: its extra flags),
     masks written to ``out``.
 
-    Scores are kept in ``scored`` (default ``out``), one record per scoring, keyed by the weights' SHA-256
-    (not their path), the arguments, the propagation settings and the scored sequences: a rerun, or
+    Scores are kept in ``scored`` (default ``out``), one record per scoring, keyed by the weights' content
+    (`weights_digest`, not their path), the arguments, the propagation settings and the scored sequences: a rerun, or
     another row whose network is the same file's content (TimeT's start is the DINO row's trained
     backbone; rows of one architecture and seed share their step 0), reuses the score and copies the
     masks instead of scoring again. Scoring real sequences takes minutes per network on a CPU."""
@@ -252,7 +270,7 @@ def label_propagation(features: list[str], davis: Path, setting: Setting, out: P
             "--short-side", str(setting.short_side), "--out", str(out)]
     weights = Path(features[1]) if features[0] == "--ckpt" else None
     weights = weights / "backbone.safetensors" if weights is not None and weights.is_dir() else weights
-    what = ["sha256:" + sha256_file(weights), *features[2:]] if weights is not None else features
+    what = ["weights:" + weights_digest(weights), *features[2:]] if weights is not None else features
     key = {"features": what, "davis": str(davis), "protocol": setting.protocol, "short_side": setting.short_side,
            "sequences": [s.name for s in open_sequences(davis)],
            "config": json.loads(json.dumps(asdict(replace(PRESETS[setting.protocol],

@@ -5,6 +5,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from eval.davis_io import open_sequences
 from pipeline.reader import ShardDataset
@@ -104,9 +106,11 @@ def test_a_network_is_scored_once_per_content_and_setting(tmp_path, davis_dir, m
     monkeypatch.setattr(learning.eval_run, "main", fake_scoring)
     setting, scored = learning.Setting(1, (), "dino", 96), tmp_path / "scores"
     dino, timet_start, other = tmp_path / "dino.safetensors", tmp_path / "start.safetensors", tmp_path / "b.safetensors"
-    dino.write_bytes(b"weights")
-    shutil.copy(dino, timet_start)
-    other.write_bytes(b"other weights")
+    weights = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(3, dtype=torch.bfloat16)}
+    save_file(weights, str(dino), metadata={"format": "densevid-backbone-v1", "arch": "vit_tiny_patch8"})
+    save_file(dict(reversed(weights.items())), str(timet_start),    # the same content, written by another process
+              metadata={"arch": "vit_tiny_patch8", "format": "densevid-backbone-v1"})
+    save_file({**weights, "b": torch.zeros(3, dtype=torch.bfloat16)}, str(other), metadata={"arch": "vit_tiny_patch8"})
 
     def score(weights, out):
         return learning.label_propagation(["--ckpt", str(weights)], davis_dir, setting, tmp_path / out, scored)
@@ -115,7 +119,7 @@ def test_a_network_is_scored_once_per_content_and_setting(tmp_path, davis_dir, m
     assert len(calls) == 1 and reused["J&F"] == first["J&F"] and str(timet_start) in reused["argv"]
     assert (tmp_path / "timet" / "mask.png").read_bytes() == str(dino).encode()    # the scored masks, copied
     assert score(other, "other")["J&F"] != first["J&F"] and len(calls) == 2
-    dino.write_bytes(b"trained further")                                            # same path, new content
+    save_file({**weights, "w": weights["w"] + 1}, str(dino))                      # same path, new content
     assert score(dino, "dino-again")["J&F"] != first["J&F"] and len(calls) == 3
 
 
