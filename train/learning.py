@@ -228,18 +228,35 @@ def train_argv(method: str, setting: Setting, budget: str, shards: Path, run_dir
 
 
 def train(method: str, setting: Setting, budget: str, shards: Path, run_dir: Path) -> dict:
-    """Train through train/run.py (its progress lines stream through); return time and loss curve."""
+    """Train through train/run.py (its progress lines stream through); return time and loss curve.
+
+    The times are those of the calls that trained steps, summed in ``run_dir``/benchmark-timing.json: a
+    rerun that finds the run finished reports the training it reuses, not its own few seconds."""
     command = [sys.executable, str(REPO_ROOT / "train" / "run.py"),
                *train_argv(method, setting, budget, shards, run_dir)]
     print("$ " + " ".join(command), flush=True)
+    log, timing = run_dir / "log.jsonl", run_dir / "benchmark-timing.json"
+    steps_before = last_step(log)
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # progress as it happens
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    return {"command": command, "wall_s": time.perf_counter() - started,
-            "cpu_s": (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
-            "log": records}
+    spent = json.loads(timing.read_text()) if timing.is_file() else None
+    if last_step(log) > steps_before and (steps_before == 0 or spent is not None):
+        spent = {"wall_s": (spent or {}).get("wall_s", 0.0) + time.perf_counter() - started,
+                 "cpu_s": (spent or {}).get("cpu_s", 0.0) + (cpu_after.ru_utime + cpu_after.ru_stime)
+                 - (cpu_before.ru_utime + cpu_before.ru_stime)}
+        timing.write_text(json.dumps(spent) + "\n")
+    # None: steps trained outside the benchmark (by hand, or before it kept times), shown as "—"
+    spent = spent or {"wall_s": None, "cpu_s": None}
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return {"command": command, **spent, "log": records}
+
+
+def last_step(log: Path) -> int:
+    """The last step ``log`` (a run's log.jsonl) records, 0 before the first."""
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return json.loads(lines[-1])["step"] if lines and lines[-1].strip() else 0
 
 
 def weights_digest(path: Path) -> str:
@@ -335,8 +352,9 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         s = r["scores"]
         triple = lambda m: " / ".join(f"{s[k][m]:.3f}" for k in ("trained", "init", "pixels"))  # noqa: E731
+        wall = "—" if r["wall_s"] is None else f"{r['wall_s']:.0f} ({r['cpu_s']:.0f})"
         name = r["method"] + (f" (from {r['start_from']})" if r["start_from"] else "")
-        lines.append(f"| {name} | {r['steps']} | {r['wall_s']:.0f} ({r['cpu_s']:.0f}) | "
+        lines.append(f"| {name} | {r['steps']} | {wall} | "
                      f"{r['loss_first']:.3f} → {r['loss_last']:.3f} | {s['trained']['J&F']:.3f} | "
                      f"{s['init']['J&F']:.3f} | {s['pixels']['J&F']:.3f} | {triple('J')} | {triple('F')} | "
                      f"{r['gain_over_init']:+.3f} | {r['gain_over_pixels']:+.3f} |")

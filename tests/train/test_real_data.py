@@ -138,3 +138,34 @@ def test_scores_are_reused_until_the_weights_or_the_sequences_change(tmp_path, d
         learning.label_propagation(["--features", "pixels"], davis_dir, learning.Setting(1, (), "dino", 64),
                                    tmp_path / "pixels")
 
+
+
+def test_a_rerun_reports_the_training_it_reuses_not_its_own_seconds(tmp_path, monkeypatch):
+    """train() keeps the times of the calls that trained steps: a rerun of a finished run reports them, and
+    a run trained outside the benchmark reports none ("—" in the table) instead of a rerun's few seconds."""
+    steps_to_log = []
+
+    def fake_run_py(command, **_):
+        run_dir = Path(command[command.index("--out") + 1])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "log.jsonl", "a") as log:
+            for step in steps_to_log:
+                log.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
+    monkeypatch.setattr(learning.subprocess, "run", fake_run_py)
+    setting = learning.Setting(10, (), "dino", 96)
+
+    def train(run_dir, steps):
+        steps_to_log[:] = steps
+        return learning.train("dino", setting, "cpu", tmp_path / "shards", tmp_path / run_dir)
+    first = train("run", [5, 10])
+    assert first["wall_s"] > 0 and first["cpu_s"] >= 0 and [r["step"] for r in first["log"]] == [5, 10]
+    again = train("run", [])
+    assert (again["wall_s"], again["cpu_s"]) == (first["wall_s"], first["cpu_s"])
+    (tmp_path / "by-hand").mkdir()
+    (tmp_path / "by-hand" / "log.jsonl").write_text(json.dumps({"step": 10, "loss": 0.1}) + "\n")
+    by_hand = train("by-hand", [])
+    assert by_hand["wall_s"] is None and by_hand["cpu_s"] is None
+    row = {"method": "dino", "start_from": None, "steps": 10, "wall_s": None, "cpu_s": None, "loss_first": 1.0,
+           "loss_last": 0.1, "gain_over_init": 0.0, "gain_over_pixels": 0.0,
+           "scores": {k: {"J&F": 0.5, "J": 0.5, "F": 0.5} for k in ("trained", "init", "pixels")}}
+    assert "| dino | 10 | — | 1.000 → 0.100 |" in learning.markdown_table([row])
