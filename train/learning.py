@@ -176,8 +176,9 @@ REAL_CPU_STEPS = {"dino": 200}
 for _method, _rows in SETTINGS.items():
     _rows["gpu-real"] = _rows["gpu"]
     _cpu = _rows["cpu"]
-    _rows["cpu-real"] = replace(_cpu, steps=REAL_CPU_STEPS.get(_method, _cpu.steps), short_side=320, train_args=tuple(
-        "vit_tiny_patch8" if arg == "vit_tiny_patch16" else arg for arg in _cpu.train_args))
+    _rows["cpu-real"] = replace(
+        _cpu, steps=REAL_CPU_STEPS.get(_method, _cpu.steps), short_side=320,
+        train_args=tuple("vit_tiny_patch8" if arg == "vit_tiny_patch16" else arg for arg in _cpu.train_args))
 
 
 def prepare_data(out: Path, data: Data) -> tuple[Path, Path]:
@@ -274,7 +275,8 @@ def weights_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def label_propagation(features: list[str], davis: Path, setting: Setting, out: Path, scored: Path | None = None) -> dict:
+def label_propagation(features: list[str], davis: Path, setting: Setting, out: Path,
+                      scored: Path | None = None) -> dict:
     """J&F / J / F of eval/run.py labelprop with the method's protocol (``features``: its extra flags),
     masks written to ``out``.
 
