@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,13 @@ from train.rundir import RUN_OUTPUTS, checkpoint_path, list_checkpoints
 
 def weights_digest(module: torch.nn.Module) -> str:
     """SHA-256 of every parameter and buffer: equal on all ranks iff their copies are bit-identical."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    return tensors_digest(module.state_dict().items())
+
+
+def tensors_digest(named_tensors: Iterable[tuple[str, torch.Tensor]], prefix: bytes = b"") -> str:
+    """SHA-256 of ``prefix``, then each name and its tensor's bytes, in the order given."""
+    digest = hashlib.sha256(prefix)
+    for name, tensor in named_tensors:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -32,15 +32,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-
 from eval import run as eval_run
 from eval.davis_io import open_sequences
 from eval.propagation_config import PRESETS
+from models.io import read_checkpoint
 from shard_tools.manifest import load_manifest
 from shard_tools.synth import make_dataset
 from shard_tools.writer import sha256_file
+from train.checkpoint import tensors_digest
 from train.real_data import (Input, InputError, RealData, check_no_overlap, parse_eval_input, parse_input,
                              prepare_real_data)
 
@@ -238,18 +237,19 @@ def train(method: str, setting: Setting, budget: str, shards: Path, run_dir: Pat
     print("$ " + " ".join(command), flush=True)
     log, timing = run_dir / "log.jsonl", run_dir / "benchmark-timing.json"
     steps_before = last_step(log)
+    # the times so far; None when steps were trained outside the benchmark (by hand, or before it kept times)
+    earlier = (json.loads(timing.read_text()) if timing.is_file()
+               else {"wall_s": 0.0, "cpu_s": 0.0} if steps_before == 0 else None)
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # progress as it happens
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    spent = json.loads(timing.read_text()) if timing.is_file() else None
-    if last_step(log) > steps_before and (steps_before == 0 or spent is not None):
-        spent = {"wall_s": (spent or {}).get("wall_s", 0.0) + time.perf_counter() - started,
-                 "cpu_s": (spent or {}).get("cpu_s", 0.0) + (cpu_after.ru_utime + cpu_after.ru_stime)
-                 - (cpu_before.ru_utime + cpu_before.ru_stime)}
-        timing.write_text(json.dumps(spent) + "\n")
-    # None: steps trained outside the benchmark (by hand, or before it kept times), shown as "—"
-    spent = spent or {"wall_s": None, "cpu_s": None}
+    if earlier is not None and last_step(log) > steps_before:
+        timing.write_text(json.dumps({
+            "wall_s": earlier["wall_s"] + time.perf_counter() - started,
+            "cpu_s": earlier["cpu_s"] + (cpu_after.ru_utime + cpu_after.ru_stime)
+            - (cpu_before.ru_utime + cpu_before.ru_stime)}) + "\n")
+    spent = json.loads(timing.read_text()) if timing.is_file() else {"wall_s": None, "cpu_s": None}  # None: "—"
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     return {"command": command, **spent, "log": records}
 
@@ -260,19 +260,13 @@ def last_step(log: Path) -> int:
     return json.loads(lines[-1])["step"] if lines and lines[-1].strip() else 0
 
 
-def weights_digest(path: Path) -> str:
+def checkpoint_digest(path: Path) -> str:
     """SHA-256 of a checkpoint's content: for safetensors its metadata and tensors, not its bytes, whose
     metadata order changes from one process to the next (the same backbone exported twice)."""
     if path.suffix != ".safetensors":
         return sha256_file(path)
-    digest = hashlib.sha256()
-    with safe_open(str(path), "pt") as handle:
-        digest.update(json.dumps(handle.metadata() or {}, sort_keys=True).encode())
-        for key in sorted(handle.keys()):
-            tensor = handle.get_tensor(key).contiguous()
-            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    tensors, metadata = read_checkpoint(path)
+    return tensors_digest(sorted(tensors.items()), json.dumps(metadata, sort_keys=True).encode())
 
 
 def label_propagation(features: list[str], davis: Path, setting: Setting, out: Path,
@@ -281,15 +275,15 @@ def label_propagation(features: list[str], davis: Path, setting: Setting, out: P
     masks written to ``out``.
 
     Scores are kept in ``scored`` (default ``out``), one record per scoring, keyed by the weights' content
-    (`weights_digest`, not their path), the arguments, the propagation settings and the scored sequences: a rerun, or
-    another row whose network is the same file's content (TimeT's start is the DINO row's trained
+    (`checkpoint_digest`, not their path), the arguments, the propagation settings and the scored sequences: a
+    rerun, or another row whose network is the same file's content (TimeT's start is the DINO row's trained
     backbone; rows of one architecture and seed share their step 0), reuses the score and copies the
     masks instead of scoring again. Scoring real sequences takes minutes per network on a CPU."""
     argv = ["labelprop", *features, "--data", str(davis), "--protocol", setting.protocol,
             "--short-side", str(setting.short_side), "--out", str(out)]
     weights = Path(features[1]) if features[0] == "--ckpt" else None
     weights = weights / "backbone.safetensors" if weights is not None and weights.is_dir() else weights
-    what = ["weights:" + weights_digest(weights), *features[2:]] if weights is not None else features
+    what = ["weights:" + checkpoint_digest(weights), *features[2:]] if weights is not None else features
     key = {"features": what, "davis": str(davis), "protocol": setting.protocol, "short_side": setting.short_side,
            "sequences": [s.name for s in open_sequences(davis)],
            "config": json.loads(json.dumps(asdict(replace(PRESETS[setting.protocol],
@@ -316,13 +310,12 @@ def benchmark(methods: list[str], budget: str, out: Path, real: tuple[list[Input
         row_key, (shards, davis) = budget, prepare_data(out, DATA[budget])
     else:
         row_key, (shards, davis) = f"{budget}-real", prepare_real_data(*real, out, REAL_DATA[budget])
-    rows = []
+    rows, scored = [], out / "eval" / "scores"   # scores shared by the rows: a network is scored once per setting
     for method in with_starts(methods, row_key):
         setting = SETTINGS[method][row_key]
         run_dir = out / "runs" / method
         trained = train(method, setting, budget, shards, run_dir)
         evals = out / "eval" / method
-        scored = out / "eval" / "scores"   # shared by the rows: a network is scored once per setting
         scores = {"trained": label_propagation(["--ckpt", str(run_dir)], davis, setting, evals / "trained", scored),
                   "init": label_propagation(["--ckpt", str(run_dir / "init" / "backbone.safetensors")],
                                             davis, setting, evals / "init", scored),
