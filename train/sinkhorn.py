@@ -39,8 +39,8 @@ def sinkhorn_balanced(scores: torch.Tensor, epsilon: float, iterations: int) -> 
         iterations: alternating normalisations (TimeT runs 10; its ``--sinkhorn_iterations`` is ignored).
 
     Returns:
-        (N, K) float32, each row summing to 1. Under torch.distributed the prototype masses are
-        all-reduced, so the balance is over the rows of every rank (as SwAV's distributed version).
+        (N, K), float32 (float64 for float64 scores), each row summing to 1. Under torch.distributed
+        the prototype masses are all-reduced, so the balance is over the rows of every rank (as SwAV's distributed version).
 
     Q = exp(scores / epsilon) is scaled to total mass 1, then alternately each prototype's mass is set
     to 1/K and each row's to 1/(N * world); finally each row is normalised to sum 1.
@@ -52,7 +52,8 @@ def sinkhorn_balanced(scores: torch.Tensor, epsilon: float, iterations: int) -> 
     for _ in range(iterations):
         q = q / _all_reduce_sum(q.sum(dim=1, keepdim=True)) / num_prototypes
         q = q / q.sum(dim=0, keepdim=True) / (rows * world)
-    return (q / q.sum(dim=0, keepdim=True)).T.float()
+    q = (q / q.sum(dim=0, keepdim=True)).T
+    return q.to(torch.promote_types(q.dtype, torch.float32))
 
 
 @torch.no_grad()

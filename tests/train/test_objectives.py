@@ -111,3 +111,36 @@ def test_dino_last_layer_frozen_during_first_epochs():
     loss.backward()
     objective.before_optimizer_step(5)  # epoch 1
     assert objective.student_head.last_layer.weight_v.grad is not None
+
+
+def dinov2_sinkhorn_targets(teacher_logits, temperature, iterations=3):
+    """DINOv2's Sinkhorn-Knopp teacher centering, written out from its description: Q = exp(t / T) over
+    (prototypes, rows), scaled to mass 1, then alternately each prototype's mass set to 1/K and each row's
+    to 1/N; the rows, scaled back by N, are the targets."""
+    q = torch.exp(teacher_logits.double() / temperature).T
+    prototypes, rows = q.shape
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / prototypes
+        q = q / q.sum(dim=0, keepdim=True) / rows
+    return (q * rows).T
+
+
+def test_dino_sinkhorn_centering_gives_dinov2s_targets_and_keeps_no_center():
+    objective = build("dino", dataclasses.replace(TINY_DINO, centering="sinkhorn"), "vit_tiny_patch16",
+                      drop_path=0.0).double()  # no stochastic depth: the loss is recomputed below
+    objective.center.fill_(0.5)
+    batch = {k: v.double() for k, v in dino_batch(b=3).items()}
+    loss, logs = objective(batch)
+
+    global_images = batch["global"].flatten(1, 2).transpose(0, 1).flatten(0, 1)  # view-major, as the objective
+    local_images = batch["local"].flatten(1, 2).transpose(0, 1).flatten(0, 1)
+    with torch.no_grad():
+        teacher_logits = objective.teacher_head(objective.teacher(global_images))
+        student_logits = objective.student_head(
+            torch.cat([objective.student(global_images), objective.student(local_images)]))
+    targets = dinov2_sinkhorn_targets(teacher_logits, objective.teacher_temp).unflatten(0, (2, 3))
+    log_probs = torch.log_softmax(student_logits / objective.cfg.student_temp, -1).unflatten(0, (4, 3))
+    pairs = [-(targets[g] * log_probs[v]).sum(-1).mean() for g in range(2) for v in range(4) if v != g]
+    torch.testing.assert_close(loss, torch.stack(pairs).mean(), rtol=1e-10, atol=0)
+    assert torch.equal(objective.center, torch.full_like(objective.center, 0.5))  # no running center

@@ -7,6 +7,7 @@ different views. Centering and sharpening together keep the teacher from collaps
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,10 @@ from models.heads import DINOHead
 from pipeline import MulticropViews
 from train.objectives.base import Objective
 from train.optim import cosine_schedule
+from train.sinkhorn import sinkhorn_balanced
 from train.teacher import EMATeacher
+
+SINKHORN_ITERATIONS = 3  # DINOv2's sinkhorn_knopp_teacher
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -128,6 +132,10 @@ class DINOConfig(DistillationConfig):
     """Side of a local crop."""
     local_scale: tuple[float, float] = (0.05, 0.4)
     """Area range of a local crop."""
+    centering: Literal["center", "sinkhorn"] = "center"
+    """What keeps the teacher from collapsing: "center", DINO's EMA center subtracted before sharpening;
+    "sinkhorn", DINOv2's Sinkhorn-Knopp centering (3 iterations at the teacher temperature), which
+    spreads each batch's teacher outputs evenly over the prototypes and keeps no running statistic."""
 
 
 class DINO(Objective):
@@ -185,9 +193,13 @@ class DINO(Objective):
         student_logits = self.student_head(torch.cat(features)).unflatten(0, (-1, batch_size))
         with torch.no_grad():
             teacher_logits = self.teacher_head(self.teacher(global_images)).unflatten(0, (num_global, batch_size))
-            targets = teacher_targets(teacher_logits, self.center, self.teacher_temp)
+            if self.cfg.centering == "sinkhorn":
+                targets = sinkhorn_balanced(at_least_fp32(teacher_logits).flatten(0, 1), self.teacher_temp,
+                                            SINKHORN_ITERATIONS).view_as(teacher_logits)
+            else:
+                targets = teacher_targets(teacher_logits, self.center, self.teacher_temp)
+                self.update_center(teacher_logits)
         loss = dino_loss(student_logits, targets, self.cfg.student_temp)
-        self.update_center(teacher_logits)
         logs = {
             "teacher_entropy": entropy(targets),
             "teacher_mean_entropy": entropy(targets.mean((0, 1))),
