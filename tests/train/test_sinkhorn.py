@@ -12,11 +12,12 @@ def test_balanced_rows_are_distributions_and_prototypes_share_the_batch():
     torch.manual_seed(0)
     scores = 2 * torch.rand(392, 200, dtype=torch.float64) - 1  # TimeT: 2 clips x 196 patches, 200 prototypes
     q = sinkhorn_balanced(scores, epsilon=0.05, iterations=10)
-    assert q.shape == (392, 200) and q.dtype == torch.float32
-    torch.testing.assert_close(q.sum(1), torch.ones(392), atol=1e-5, rtol=0)
+    assert q.shape == (392, 200) and q.dtype == torch.float64  # float64 scores stay float64 (parity tests)
+    assert sinkhorn_balanced(scores.float(), epsilon=0.05, iterations=10).dtype == torch.float32
+    torch.testing.assert_close(q.sum(1), torch.ones(392, dtype=torch.float64), atol=1e-5, rtol=0)
     # Ten iterations are not converged: each prototype holds close to, not exactly, 392 / 200 rows.
     mass = q.sum(0)
-    assert torch.allclose(mass, torch.full((200,), 392 / 200), rtol=0.5)
+    assert torch.allclose(mass, torch.full((200,), 392 / 200, dtype=torch.float64), rtol=0.5)
     assert mass.std() < torch.softmax(scores / 0.05, 1).sum(0).std() / 5  # far more balanced than softmax
 
 
