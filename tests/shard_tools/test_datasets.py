@@ -56,6 +56,10 @@ def serve(payload: bytes, name: str = ARCHIVE_NAME):
         def do_GET(self):
             asked = self.headers.get("Range")
             start = int(asked.removeprefix("bytes=").split("-")[0]) if asked and state["ranges"] else 0
+            body = payload[start:state["cut_at"]] if state["cut_at"] else payload[start:]
+            # logged before the headers go out: a client that drops this reply on its headers and asks
+            # again must find this request logged before its next one (threads: one per request)
+            state["requests"].append((asked, len(body)))
             if start:
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
@@ -63,8 +67,6 @@ def serve(payload: bytes, name: str = ARCHIVE_NAME):
                 self.send_response(200)
             self.send_header("Content-Length", str(len(payload) - start))
             self.end_headers()
-            body = payload[start:state["cut_at"]] if state["cut_at"] else payload[start:]
-            state["requests"].append((asked, len(body)))
             self.wfile.write(body)
 
         def log_message(self, *args):
