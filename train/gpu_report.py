@@ -664,6 +664,7 @@ def step_models(ctx: Context, section: Section, deadline: float) -> None:
 def step_train(ctx: Context, section: Section, deadline: float) -> None:
     from train.config import load_config
     from train.objectives import OBJECTIVES
+    from train.rundir import read_log
 
     methods = sorted(OBJECTIVES)
     data = make_shards(ctx, "jpeg", time.monotonic() + 0.3 * (deadline - time.monotonic()))
@@ -686,8 +687,7 @@ def step_train(ctx: Context, section: Section, deadline: float) -> None:
         report_file = out / "throughput.json"
         report = json.loads(report_file.read_text()) if report_file.is_file() else None
         if report is None and (out / "log.jsonl").is_file():   # cut short: the last logged window
-            lines = (out / "log.jsonl").read_text().splitlines()
-            last = json.loads(lines[-1]) if lines else {}
+            last = (read_log(out) or [{}])[-1]
             report = {"samples_per_s": last.get("samples_per_s"), "data_wait_pct": last.get("data_wait_pct"),
                       "peak_memory_gib": last.get("memory_gib"), "partial": True}
         results[method] = {"batch": batch, "paper_batch": paper_batch, "command": run.command,

@@ -42,6 +42,7 @@ from shard_tools.writer import sha256_file
 from train.checkpoint import tensors_digest
 from train.real_data import (Input, InputError, RealData, check_no_overlap, parse_eval_input, parse_input,
                              prepare_real_data)
+from train.rundir import read_log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUDGETS = ("cpu", "gpu")
@@ -235,8 +236,8 @@ def train(method: str, setting: Setting, budget: str, shards: Path, run_dir: Pat
     command = [sys.executable, str(REPO_ROOT / "train" / "run.py"),
                *train_argv(method, setting, budget, shards, run_dir)]
     print("$ " + " ".join(command), flush=True)
-    log, timing = run_dir / "log.jsonl", run_dir / "benchmark-timing.json"
-    steps_before = last_step(log)
+    timing = run_dir / "benchmark-timing.json"
+    steps_before = last_step(read_log(run_dir))
     # the times so far; None when steps were trained outside the benchmark (by hand, or before it kept times)
     earlier = (json.loads(timing.read_text()) if timing.is_file()
                else {"wall_s": 0.0, "cpu_s": 0.0} if steps_before == 0 else None)
@@ -244,20 +245,19 @@ def train(method: str, setting: Setting, budget: str, shards: Path, run_dir: Pat
     started = time.perf_counter()
     subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # progress as it happens
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if earlier is not None and last_step(log) > steps_before:
+    records = read_log(run_dir)
+    if earlier is not None and last_step(records) > steps_before:
         timing.write_text(json.dumps({
             "wall_s": earlier["wall_s"] + time.perf_counter() - started,
             "cpu_s": earlier["cpu_s"] + (cpu_after.ru_utime + cpu_after.ru_stime)
             - (cpu_before.ru_utime + cpu_before.ru_stime)}) + "\n")
     spent = json.loads(timing.read_text()) if timing.is_file() else {"wall_s": None, "cpu_s": None}  # None: "—"
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     return {"command": command, **spent, "log": records}
 
 
-def last_step(log: Path) -> int:
-    """The last step ``log`` (a run's log.jsonl) records, 0 before the first."""
-    lines = log.read_text().splitlines() if log.is_file() else []
-    return json.loads(lines[-1])["step"] if lines and lines[-1].strip() else 0
+def last_step(records: list[dict]) -> int:
+    """The last step a run's log records (`read_log`), 0 before the first."""
+    return records[-1]["step"] if records else 0
 
 
 def checkpoint_digest(path: Path) -> str:

@@ -21,6 +21,7 @@ from eval.features import dense_features, feature_stride, load_backbone, pads_to
 from eval.label_prop import network_size, sequence_features
 from eval.propagation_config import PRESETS
 from train.learning import markdown_table
+from train.rundir import read_log
 
 CURVE_SIZE = (480, 240)
 MARGIN = 36
@@ -94,8 +95,7 @@ def write_report(bench: Path) -> Path:
     for row in result["rows"]:
         method = row["method"]
         lines += [f"## {method}", "", "Training: `" + " ".join(row["train_command"][1:]) + "`", ""]
-        log = [json.loads(line) for line in (Path(row["run_dir"]) / "log.jsonl").read_text().splitlines() if line]
-        for name, plot in curves(log).items():
+        for name, plot in curves(read_log(row["run_dir"])).items():
             path = visualize.save_png(images / f"{method}-{name}.png", plot)
             lines.append(f"![{method} {name}](img/{path.name})")
         for kind in ("trained", "init", "pixels"):

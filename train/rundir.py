@@ -6,6 +6,7 @@ holds a run must say whether to continue it (``--resume auto`` / ``--resume PATH
 """
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +23,13 @@ NONFINITE_DUMPS = "nonfinite-step-*.pt"
 
 class RunDirError(ValueError):
     """A run directory that cannot be used as asked; the message names the flag that fixes it."""
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    """The records of a run's log.jsonl, oldest first; [] before its first record."""
+    log = Path(run_dir) / "log.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:

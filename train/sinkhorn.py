@@ -40,7 +40,8 @@ def sinkhorn_balanced(scores: torch.Tensor, epsilon: float, iterations: int) -> 
 
     Returns:
         (N, K), float32 (float64 for float64 scores), each row summing to 1. Under torch.distributed
-        the prototype masses are all-reduced, so the balance is over the rows of every rank (as SwAV's distributed version).
+        the prototype masses are all-reduced, so the balance is over the rows of every rank (as SwAV's
+        distributed version).
 
     Q = exp(scores / epsilon) is scaled to total mass 1, then alternately each prototype's mass is set
     to 1/K and each row's to 1/(N * world); finally each row is normalised to sum 1.

@@ -139,7 +139,6 @@ def test_scores_are_reused_until_the_weights_or_the_sequences_change(tmp_path, d
                                    tmp_path / "pixels")
 
 
-
 def test_a_rerun_reports_the_training_it_reuses_not_its_own_seconds(tmp_path, monkeypatch):
     """train() keeps the times of the calls that trained steps: a rerun of a finished run reports them, and
     a run trained outside the benchmark reports none ("—" in the table) instead of a rerun's few seconds."""
