@@ -96,7 +96,8 @@ def test_two_steps_write_the_run_directory(method, jpeg_shards, tmp_path, capsys
 
 
 @pytest.mark.parametrize("method,shards,extra", [
-    ("dino", "jpeg_shards", ()), ("selfpatch", "jpeg_shards", ()),
+    ("dino", "jpeg_shards", ()), ("dino", "jpeg_shards", ("--dino.centering", "sinkhorn")),
+    ("selfpatch", "jpeg_shards", ()),
     ("timet", "jpeg_shards", ("--timet.queue_size", "64")),
     ("dora", "long_shards", ()),
     # SMTC: the backbone's LR is 0 for the first 3 steps (grad_iter), so the resume crosses the switch
